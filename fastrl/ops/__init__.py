@@ -1,0 +1,1 @@
+"""Autograd Functions, functional APIs and the plain-PyTorch reference of every op."""

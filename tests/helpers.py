@@ -1,0 +1,50 @@
+"""The comparison helper every kernel test uses.
+
+Tolerance rule (Cut Cross-Entropy's): a kernel passes when its error against a float64 truth is at most
+PyTorch's own error at the same input dtype plus a small absolute term, elementwise:
+``|truth - kernel| <= factor * |truth - torch| + atol``. A failure prints the worst indices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Absolute slack per input dtype: a few ulps of an fp32 accumulation of values of order one, and of the
+# input rounding for the half types.
+ATOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def assert_close_to_truth(
+    name: str,
+    kernel: torch.Tensor,
+    reference: torch.Tensor,
+    truth: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    factor: float = 2.0,
+    atol: float | None = None,
+) -> None:
+    """``|truth - kernel| <= factor * |truth - reference| + atol`` elementwise, with a mismatch report.
+
+    ``reference`` is the plain PyTorch computation at the same input dtype, so the bound is PyTorch's own
+    error there; ``truth`` is a float64 computation.
+    """
+    atol = ATOL[dtype] if atol is None else atol
+    assert kernel.shape == truth.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(truth.shape)}"
+    k, r, t = kernel.double(), reference.double(), truth.double()
+    both_nonfinite = ~torch.isfinite(t) & (k == t)
+    err = (k - t).abs()
+    bound = factor * (r - t).abs() + atol
+    bad = ~((err <= bound) | both_nonfinite)
+    if bool(bad.any()):
+        idx = bad.nonzero()[:8].tolist()
+        rows = [
+            f"  at {tuple(i)}: kernel={k[tuple(i)].item():.6g} torch={r[tuple(i)].item():.6g} "
+            f"truth={t[tuple(i)].item():.6g} err={err[tuple(i)].item():.3g} "
+            f"bound={bound[tuple(i)].item():.3g}"
+            for i in idx
+        ]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements outside |truth-kernel| <= "
+            f"{factor}*|truth-torch| + {atol:g} (dtype {dtype})\n" + "\n".join(rows)
+        )
