@@ -27,7 +27,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   pip_install "$TORCH_SPEC"
 fi
 
-stamp=.venv/.fastrl-installed-$(cat setup.py pyproject.toml csrc/*.cpp 2>/dev/null | cksum | cut -d' ' -f1)-$EXTRAS
+sources_sum=$( (cat setup.py pyproject.toml csrc/* 2>/dev/null || true) | cksum | cut -d' ' -f1)
+stamp=.venv/.fastrl-installed-$sources_sum-$EXTRAS
 if [ "${FASTRL_VENV:-1}" = "0" ] || [ ! -f "$stamp" ]; then
   echo "[setup] installing fastrl[$EXTRAS] (editable; builds fastrl._C)"
   pip_install -e ".[$EXTRAS]"

@@ -1,1 +1,21 @@
+"""Generation engines behind one interface (``Engine.generate`` / ``Engine.sync_weights``).
 
+Public API::
+
+    EngineConfig, SamplingParams, GenerationOutput, Engine, build_engine(cfg, model, tokenizer)
+    fastrl.engine.hf.HFEngine                    the embedded engine (KV cache, shares the weights)
+    fastrl.engine.sampling.sample_next / filter_logits   its sampler
+"""
+
+from __future__ import annotations
+
+from fastrl.engine.base import (
+    ENGINE_KINDS,
+    Engine,
+    EngineConfig,
+    GenerationOutput,
+    SamplingParams,
+    build_engine,
+)
+
+__all__ = ["ENGINE_KINDS", "Engine", "EngineConfig", "GenerationOutput", "SamplingParams", "build_engine"]

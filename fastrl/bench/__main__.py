@@ -1,0 +1,5 @@
+import sys
+
+from fastrl.bench import main
+
+sys.exit(main())

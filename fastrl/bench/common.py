@@ -1,0 +1,98 @@
+"""Pieces the suites share: random inputs, the measured cuBLAS baselines, a method from a loss closure."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fastrl.bench.harness import BenchContext, Method, Skip
+
+LossFn = Callable[[dict[str, Any]], torch.Tensor]
+
+
+def randn(ctx: BenchContext, *shape: int, scale: float = 1.0, requires_grad: bool = False) -> torch.Tensor:
+    t = torch.randn(*shape, device=ctx.device, dtype=torch.float32).mul_(scale).to(ctx.dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def lm_head(ctx: BenchContext, V: int, H: int, *, requires_grad: bool = True) -> torch.Tensor:
+    """A [V, H] weight whose logits have unit scale for unit-scale hidden states."""
+    return randn(ctx, V, H, scale=H**-0.5, requires_grad=requires_grad)
+
+
+def backward_method(name: str, loss_fn: LossFn, *, kind: str = "method", note: str = "") -> Method:
+    """A method whose step is ``loss = loss_fn(inputs); loss.backward()``."""
+
+    def setup(inputs: dict[str, Any]):
+        def step():
+            loss = loss_fn(inputs)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return Method(name=name, setup=setup, kind=kind, note=note)
+
+
+def compiled_method(ctx: BenchContext, name: str, loss_fn: LossFn, *, note: str = "") -> Method:
+    """``torch.compile`` of an eager loss; off on the CPU unless ``--compile`` (compiling takes minutes)."""
+
+    def setup(inputs: dict[str, Any]):
+        if not ctx.compile:
+            raise Skip("torch.compile off (pass --compile; on by default with --gpu)")
+        compiled = torch.compile(loss_fn)
+
+        def step():
+            loss = compiled(inputs)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return Method(name=name, setup=setup, note=note)
+
+
+def cublas_products(name: str, hidden_key: str, weight_key: str, *, ref_keys: tuple[str, str] | None = None):
+    """The matrix products alone, as a measured baseline: logits = h W^T, grad_h = G W, grad_W = G^T h.
+
+    ``G`` stands for the logits' gradient; it is allocated in setup so it counts as an input. With
+    ``ref_keys`` (DPO) a fourth product, the reference model's logits, is added.
+    """
+
+    def setup(inputs: dict[str, Any]):
+        h = inputs[hidden_key].detach().reshape(-1, inputs[hidden_key].shape[-1])
+        w = inputs[weight_key].detach()
+        g = torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
+        ref = None
+        if ref_keys is not None:
+            ref = (inputs[ref_keys[0]].reshape(-1, h.shape[1]), inputs[ref_keys[1]])
+
+        def step():
+            if ref is not None:
+                torch.mm(ref[0], ref[1].t())
+            logits = torch.mm(h, w.t())  # kept alive across the backward products, as autograd would
+            grads = torch.mm(g, w), torch.mm(g.t(), h)
+            del logits, grads
+            return None
+
+        return step
+
+    return Method(name=name, setup=setup, kind="baseline")
+
+
+def accepted_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that ``fn`` (a class or callable) accepts: peers' versions differ."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"

@@ -1,0 +1,307 @@
+"""The one benchmark harness: what a case is, how a method is timed and how its memory is counted.
+
+Method (STYLE.md / ANCHORS.md):
+- time: the median of ``repeats`` device-timed forward+backward runs after ``warmup`` runs (CUDA events on
+  a GPU, ``time.perf_counter`` on the CPU); gradients are reset to None outside the timed region.
+- extra memory: the peak allocated during one forward+backward minus what was allocated just before it;
+  the inputs are excluded, the gradients the run leaves behind are included. On a GPU this is
+  ``torch.cuda.max_memory_allocated``; on the CPU, :class:`LiveBytes` counts the bytes of every storage a
+  torch op allocates while it is alive.
+- a peer that is not installed is a row "skipped: ..."; one that raises is "fails: <reason>"; running out
+  of memory is "OOM" (the cache is emptied and the run goes on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+MiB = 2**20
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
+
+Step = Callable[[], "torch.Tensor | None"]
+
+
+class Skip(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by a method's setup (or a suite) when it cannot run here: the row reads "skipped: <msg>"."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class BenchContext:
+    """What every suite needs to build its cases."""
+
+    device: torch.device
+    dtype: torch.dtype
+    gpu_shapes: bool = False  # ANCHORS.md's shapes instead of the small CPU ones
+    quick: bool = False  # tiny shapes (tests)
+    repeats: int = 3
+    warmup: int = 1
+    compile: bool = False  # run the torch.compile methods
+    seed: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class Method:
+    """One way of computing a case. ``setup(inputs)`` imports/builds what it needs (raise :class:`Skip` or
+    ImportError when unavailable) and returns ``step()``, which runs one forward+backward and returns the
+    loss (or None)."""
+
+    name: str
+    setup: Callable[
+        [dict[str, Any]], Step
+    ]  # a step may carry ``step.prepare()``, run untimed before each run
+    kind: str = "method"  # "method" | "peer" | "fastrl" | "baseline"
+    note: str = ""
+
+
+@dataclasses.dataclass(kw_only=True)
+class Case:
+    """One shape of one suite and the methods measured on it. ``make_inputs()`` builds fresh inputs once
+    for the whole case; tensors in it that require grad get their ``.grad`` reset before every run."""
+
+    suite: str
+    name: str
+    shape: dict[str, int]
+    make_inputs: Callable[[], dict[str, Any]]
+    methods: list[Method]
+    floor_ms: float | None = None
+    floor_note: str = ""
+    grad_bytes: int | None = None
+    measure_memory: bool = True
+    reference: str | None = None  # the method whose loss the others' losses are compared with
+
+
+@dataclasses.dataclass(kw_only=True)
+class Row:
+    suite: str
+    case: str
+    method: str
+    kind: str
+    status: str  # "ok" | "skipped: ..." | "fails: ..." | "OOM"
+    ms: float | None = None
+    ms_all: list[float] = dataclasses.field(default_factory=list)
+    extra_mib: float | None = None
+    loss: float | None = None
+    loss_rel_diff: float | None = None
+    x_floor: float | None = None
+    x_baseline: float | None = None
+    x_fastrl: float | None = None
+    note: str = ""
+    wall_s: float | None = None  # the whole measurement of this method: setup, warmup, memory, timing
+
+
+# ---------------------------------------------------------------------------------------------------------
+# device helpers
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the CPU storages torch ops allocate while the mode is on, until each is freed.
+
+    Storages that existed before the mode (the inputs) are never counted; a storage is released from the
+    count when its Python object dies (PyTorch keeps one Python object per live storage).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: dict[int, tuple[weakref.ref, int]] = {}
+
+    def _release(self, key: int, token: object) -> None:
+        entry = self._seen.get(key)
+        if entry is not None and entry[0] is token:
+            del self._seen[key]
+            self.live -= entry[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        nbytes, key = storage.nbytes(), storage.data_ptr()
+        entry = self._seen.get(key)
+        if nbytes == 0 or (entry is not None and entry[0]() is storage):
+            return
+        ref = weakref.ref(storage)
+        self._seen[key] = (ref, nbytes)
+        weakref.finalize(storage, self._release, key, ref)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+
+def extra_memory_mib(step: Step, device: torch.device) -> tuple[float, Any]:
+    """Peak bytes allocated during one ``step()`` minus those allocated before it, in MiB; and its output."""
+    synchronize(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MiB, out
+    tracker = LiveBytes()
+    with tracker:
+        out = step()
+    return tracker.peak / MiB, out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timing
+
+
+def time_step(step: Step, device: torch.device, *, repeats: int, before: Callable[[], None]) -> list[float]:
+    """Milliseconds of each of ``repeats`` runs of ``step()``, device-timed; ``before()`` runs untimed."""
+    times = []
+    for _ in range(repeats):
+        before()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            synchronize(device)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def reset_grads(inputs: dict[str, Any]) -> None:
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.grad = None
+
+
+def describe_error(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(err).__name__}: {first}"[:200]
+
+
+def run_method(case: Case, method: Method, inputs: dict[str, Any], ctx: BenchContext) -> Row:
+    """Set up, warm up, measure memory once and time ``ctx.repeats`` runs; every failure becomes a row."""
+    row = Row(suite=case.suite, case=case.name, method=method.name, kind=method.kind, status="ok")
+    row.note = method.note
+    device = ctx.device
+    step: Step | None = None
+    t0 = time.perf_counter()
+    try:
+        step = method.setup(inputs)
+        prepare = getattr(step, "prepare", None)
+
+        def before() -> None:
+            reset_grads(inputs)
+            if prepare is not None:
+                prepare()
+
+        for _ in range(ctx.warmup):
+            before()
+            step()
+        before()
+        out = None
+        if case.measure_memory:
+            row.extra_mib, out = extra_memory_mib(step, device)
+        row.ms_all = time_step(step, device, repeats=ctx.repeats, before=before)
+        row.ms = statistics.median(row.ms_all)
+        if out is None:
+            before()
+            out = step()
+        if isinstance(out, torch.Tensor) and out.numel() == 1:
+            row.loss = float(out.detach().float())
+    except Skip as err:
+        row.status = f"skipped: {err}"
+    except ImportError as err:
+        name = getattr(err, "name", None) or str(err)
+        row.status = f"skipped: {name} not importable"
+    except OOM_ERRORS:
+        row.status = "OOM"
+    except Exception as err:  # a peer's failure is a row, never a crash of the whole run
+        row.status = f"fails: {describe_error(err)}"
+    finally:
+        step = None
+        reset_grads(inputs)
+        empty_cache(device)
+    row.wall_s = time.perf_counter() - t0
+    if row.status != "ok":
+        row.ms = row.extra_mib = row.loss = None
+        row.ms_all = []
+    return row
+
+
+def run_case(case: Case, ctx: BenchContext, *, progress: Callable[[str], None] | None = None) -> list[Row]:
+    """All methods of ``case`` on one set of inputs, then the ratios to the floor, baseline and fastrl."""
+    rows: list[Row] = []
+    try:
+        inputs = case.make_inputs()
+    except OOM_ERRORS:
+        inputs, status = None, "OOM"
+    except Exception as err:
+        inputs, status = None, f"fails: building inputs: {describe_error(err)}"
+    for method in case.methods:
+        if inputs is None:
+            rows.append(
+                Row(suite=case.suite, case=case.name, method=method.name, kind=method.kind, status=status)
+            )
+        else:
+            rows.append(run_method(case, method, inputs, ctx))
+        if progress is not None:
+            progress(f"{case.suite}/{method.name}")
+    inputs = None
+    empty_cache(ctx.device)
+    add_ratios(case, rows)
+    return rows
+
+
+def add_ratios(case: Case, rows: list[Row]) -> None:
+    ok = [r for r in rows if r.status == "ok"]
+    fastrl = next((r.ms for r in ok if r.kind == "fastrl"), None)
+    baseline = next((r.ms for r in ok if r.kind == "baseline"), None)
+    reference = next((r.loss for r in ok if r.method == case.reference), None)
+    for r in ok:
+        if case.floor_ms:
+            r.x_floor = r.ms / case.floor_ms
+        if baseline:
+            r.x_baseline = r.ms / baseline
+        if fastrl:
+            r.x_fastrl = r.ms / fastrl
+        if reference is not None and r.loss is not None:
+            r.loss_rel_diff = abs(r.loss - reference) / max(abs(reference), 1e-12)

@@ -1,0 +1,135 @@
+"""Suite ``linear_logprobs``: hidden states -> lm_head -> per-token log-probs, weighted sum, backward to
+the hidden states and the weight.
+
+loss = sum_t w_t logp_t, logp_t = (h_t W^T)[label_t] - logsumexp(h_t W^T). Floor: the three matrix
+products (logits, grad_hidden, grad_weight), 6 N H V flops, at the card's matmul ceiling; the same three
+products run with cuBLAS (``torch.mm``) are measured as the baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrl.bench import peers
+from fastrl.bench.common import backward_method, compiled_method, cublas_products, lm_head, randn
+from fastrl.bench.floors import Ceilings
+from fastrl.bench.harness import BenchContext, Case, Method
+
+BASELINE = "three cuBLAS products (logits, grad_hidden, grad_weight)"
+
+
+def shapes(ctx: BenchContext) -> list[dict[str, int]]:
+    """[B, T] tokens of hidden size H, vocabulary V. GPU: ANCHORS.md's shapes A and B."""
+    if ctx.quick:
+        return [dict(B=2, T=8, H=32, V=256)]
+    if ctx.gpu_shapes:
+        return [dict(B=8, T=1024, H=1536, V=151936), dict(B=16, T=1024, H=3584, V=152064)]
+    return [dict(B=2, T=128, H=256, V=8192)]
+
+
+def linear_inputs(ctx: BenchContext, B: int, T: int, H: int, V: int) -> dict:
+    return {
+        "hidden": randn(ctx, B, T, H, requires_grad=True),
+        "weight": lm_head(ctx, V, H),
+        "labels": torch.randint(0, V, (B, T), device=ctx.device),
+    }
+
+
+def eager_logits_logp(inputs, logp_fn) -> torch.Tensor:
+    """``logp_fn(logits, labels)`` on logits materialised in the input dtype, [B, T]."""
+    logits = inputs["hidden"] @ inputs["weight"].t()
+    return logp_fn(logits, inputs["labels"])
+
+
+def cce_logp(inputs, *, exact: bool) -> torch.Tensor:
+    hidden, labels = inputs["hidden"], inputs["labels"]
+    neg = peers.cce_neg_logp(
+        hidden.reshape(-1, hidden.shape[-1]), inputs["weight"], labels.reshape(-1), exact=exact
+    )
+    return -neg.float().view(labels.shape)
+
+
+def _weighted(logp, inputs):
+    return (logp.float() * inputs["w"]).sum()
+
+
+def _fastrl(recompute: bool):
+    def loss(inputs):
+        from fastrl.ops.linear_logprobs import linear_logprobs
+
+        hidden, labels = inputs["hidden"], inputs["labels"]
+        kwargs = {"recompute": True} if recompute else {}
+        logp = linear_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]), inputs["weight"], labels.reshape(-1), **kwargs
+        )
+        return _weighted(logp.view(labels.shape), inputs)
+
+    return loss
+
+
+def methods(ctx: BenchContext) -> list[Method]:
+    eager = lambda inp: _weighted(eager_logits_logp(inp, peers.eager_fp32_logp), inp)
+    return [
+        cublas_products(BASELINE, "hidden", "weight"),
+        backward_method("eager fp32", eager),
+        backward_method(
+            "TRL-style selective log-softmax",
+            lambda inp: _weighted(eager_logits_logp(inp, peers.rowloop_logp), inp),
+        ),
+        compiled_method(ctx, "torch.compile of the eager path", eager),
+        backward_method(
+            "Cut Cross-Entropy, gradient filtering on",
+            lambda inp: _weighted(cce_logp(inp, exact=False), inp),
+            kind="peer",
+            note="approximate gradients",
+        ),
+        backward_method(
+            "Cut Cross-Entropy, exact", lambda inp: _weighted(cce_logp(inp, exact=True), inp), kind="peer"
+        ),
+        backward_method("fastrl linear_logprobs", _fastrl(False), kind="fastrl"),
+        backward_method(
+            "fastrl linear_logprobs, recompute", _fastrl(True), kind="fastrl", note="no logits buffer"
+        ),
+    ]
+
+
+def matmul_case(
+    suite: str,
+    ctx: BenchContext,
+    ceil: Ceilings,
+    s: dict[str, int],
+    make_inputs,
+    method_list,
+    *,
+    reference: str,
+    flops_per_nhv: int = 6,
+    tokens: int | None = None,
+) -> Case:
+    """A case whose floor is ``flops_per_nhv * N H V`` flops; its gradients are those of h and W."""
+    B, T, H, V = s["B"], s["T"], s["H"], s["V"]
+    N = tokens if tokens is not None else B * T
+    elt = torch.finfo(ctx.dtype).bits // 8
+    return Case(
+        suite=suite,
+        name=f"N={N} H={H} V={V}",
+        shape=dict(N=N, H=H, V=V, B=B, T=T),
+        make_inputs=make_inputs,
+        methods=method_list,
+        floor_ms=ceil.matmul_ms(flops_per_nhv * N * H * V),
+        floor_note=f"{flops_per_nhv} N H V flops at {ceil.tflops:.4g} TFLOP/s",
+        grad_bytes=(N * H + V * H) * elt,
+        reference=reference,
+    )
+
+
+def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
+    cases = []
+    for s in shapes(ctx):
+
+        def make(s=s):
+            inputs = linear_inputs(ctx, s["B"], s["T"], s["H"], s["V"])
+            inputs["w"] = torch.rand(s["B"], s["T"], device=ctx.device)
+            return inputs
+
+        cases.append(matmul_case("linear_logprobs", ctx, ceil, s, make, methods(ctx), reference="eager fp32"))
+    return cases

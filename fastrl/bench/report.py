@@ -1,0 +1,171 @@
+"""Benchmark results as JSON (every number plus the environment), a markdown table and a PNG bar plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrl.bench.harness import Case, MiB, Row, device_name
+
+LOSS_NOTE_THRESHOLD = 1e-3
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    from fastrl import __version__
+    from fastrl.bench.peers import peer_versions
+
+    env: dict[str, Any] = {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "fastrl": __version__,
+        "git_commit": _git_commit(),
+    }
+    env.update(peer_versions())
+    try:
+        import fastrl.native as native
+
+        env["fastrl_native_extension"] = bool(getattr(native, "HAS_NATIVE", False))
+    except ImportError:
+        env["fastrl_native_extension"] = None
+    return env
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def case_record(case: Case | None, rows: list[Row], *, suite: str, name: str) -> dict[str, Any]:
+    return {
+        "suite": suite,
+        "case": name,
+        "shape": case.shape if case else {},
+        "floor_ms": case.floor_ms if case else None,
+        "floor_note": case.floor_note if case else "",
+        "grad_mib": case.grad_bytes / MiB if case and case.grad_bytes else None,
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "" if x is None or not math.isfinite(x) else format(x, fmt)
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    env, ceil = payload["environment"], payload["ceilings"]
+    lines = [
+        f"# fastrl bench: {env['device']}",
+        "",
+        f"torch {env['torch']}, triton {env.get('triton')}, dtype {payload['settings']['dtype']}, "
+        f"{payload['settings']['repeats']} timed runs (median), {env['date_utc']} UTC.",
+        f"Ceilings: {ceil['tflops']:.4g} TFLOP/s, {ceil['tbps']:.3g} TB/s ({ceil['source']}).",
+        "Time: median device-timed forward+backward. Extra MiB: peak allocated during one forward+backward "
+        "minus allocated before (inputs excluded, gradients included).",
+        "",
+    ]
+    for rec in payload["cases"]:
+        lines.append(f"## {rec['suite']}: {rec['case']}")
+        facts = []
+        if rec["floor_ms"]:
+            facts.append(f"floor {rec['floor_ms']:.3g} ms ({rec['floor_note']})")
+        if rec["grad_mib"]:
+            facts.append(f"gradients {rec['grad_mib']:,.1f} MiB")
+        if facts:
+            lines += ["", "; ".join(facts) + "."]
+        lines += [
+            "",
+            "| method | ms | extra MiB | x floor | x baseline | x fastrl | note |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rec["rows"]:
+            note = r["note"]
+            if r["loss_rel_diff"] is not None and r["loss_rel_diff"] > LOSS_NOTE_THRESHOLD:
+                note = (
+                    note + "; " if note else ""
+                ) + f"loss differs from the reference by {r['loss_rel_diff']:.1e}"
+            ms = _num(r["ms"], ".3g") if r["status"] == "ok" else r["status"].replace("|", "/")
+            cells = [
+                r["method"],
+                ms,
+                _num(r["extra_mib"], ",.1f"),
+                _num(r["x_floor"], ".2f"),
+                _num(r["x_baseline"], ".2f"),
+                _num(r["x_fastrl"], ".2f"),
+                note,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(path: Path, payload: dict[str, Any]) -> bool:
+    """Horizontal bars of time and extra memory per case; False (no file) if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    cases = [c for c in payload["cases"] if any(r["status"] == "ok" for r in c["rows"])]
+    if not cases:
+        return False
+    heights = [max(1.2, 0.35 * sum(r["status"] == "ok" for r in c["rows"]) + 0.8) for c in cases]
+    fig, axes = plt.subplots(
+        len(cases), 2, figsize=(13, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
+    for (ax_t, ax_m), rec in zip(axes, cases):
+        ok = [r for r in rec["rows"] if r["status"] == "ok"]
+        names = [r["method"] for r in ok]
+        colors = [
+            {"fastrl": "tab:green", "baseline": "tab:gray", "peer": "tab:orange"}.get(r["kind"], "tab:blue")
+            for r in ok
+        ]
+        ax_t.barh(names, [r["ms"] for r in ok], color=colors)
+        if rec["floor_ms"]:
+            ax_t.axvline(rec["floor_ms"], color="k", linestyle="--", linewidth=1, label="floor")
+            ax_t.legend(loc="lower right", fontsize=7)
+        ax_t.set_title(f"{rec['suite']}: {rec['case']} - ms", fontsize=9)
+        ax_t.invert_yaxis()
+        ax_t.tick_params(labelsize=7)
+        mem = [r["extra_mib"] if r["extra_mib"] is not None else 0.0 for r in ok]
+        ax_m.barh(names, mem, color=colors)
+        if rec["grad_mib"]:
+            ax_m.axvline(rec["grad_mib"], color="k", linestyle=":", linewidth=1, label="gradients")
+            ax_m.legend(loc="lower right", fontsize=7)
+        ax_m.set_title("extra MiB", fontsize=9)
+        ax_m.invert_yaxis()
+        ax_m.set_yticklabels([])
+        ax_m.tick_params(labelsize=7)
+    fig.suptitle(payload["environment"]["device"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

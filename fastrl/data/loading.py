@@ -1,0 +1,88 @@
+"""Where training data comes from: a Hugging Face dataset by name, a local dataset directory, or a local
+JSON / JSONL / parquet file, all through ``datasets.load_dataset``; plus the column checks that name what is
+missing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Which dataset to read and how long its sequences may be."""
+
+    dataset: str = field(
+        default="",
+        metadata={"help": "Hugging Face dataset name, or a local .json/.jsonl/.parquet file or directory."},
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) name of a Hugging Face dataset."}
+    )
+    split: str = field(default="train", metadata={"help": "Split to train on."})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N examples (None: all)."}
+    )
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts longer than this many tokens keep their last tokens."}
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "Longest prompt+completion in tokens (SFT/DPO); longer are cut."}
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad every batch's length up to a multiple of this (None: no)."}
+    )
+    padding_side: str = field(
+        default="right", metadata={"help": "Pad SFT/DPO batches on the 'right' or the 'left'."}
+    )
+
+    def __post_init__(self):
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"data.padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"data.pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
+        if self.max_prompt_length < 1 or self.max_length < 2:
+            raise ValueError(
+                f"data.max_prompt_length must be >= 1 and data.max_length >= 2, got "
+                f"{self.max_prompt_length} and {self.max_length}"
+            )
+
+
+def load_data(cfg: DataConfig):
+    """The ``datasets.Dataset`` that ``cfg`` names (local file, local directory or hub name)."""
+    import datasets
+
+    if not cfg.dataset:
+        raise ValueError("data.dataset must name a Hugging Face dataset or a local file, got ''")
+    path = Path(cfg.dataset)
+    if path.is_file():
+        kind = LOCAL_FORMATS.get(path.suffix.lower())
+        if kind is None:
+            raise ValueError(
+                f"data.dataset: local files must end in one of {sorted(LOCAL_FORMATS)}, got {path.name!r}"
+            )
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    elif path.is_dir() and (path / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[cfg.split]
+    else:
+        ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
+    if cfg.max_samples is not None:
+        ds = ds.select(range(min(cfg.max_samples, len(ds))))
+    return ds
+
+
+def require_columns(ds, required: list[str | tuple[str, ...]], *, task: str) -> None:
+    """Raise ``ValueError`` naming the missing column. A tuple entry is a set of alternatives (any one will
+    do), e.g. ``("prompt", "messages")``."""
+    columns = set(ds.column_names)
+    for need in required:
+        options = need if isinstance(need, tuple) else (need,)
+        if not any(c in columns for c in options):
+            wanted = " or ".join(repr(c) for c in options)
+            raise ValueError(
+                f"{task} dataset is missing the column {wanted}; it has columns {sorted(columns)}"
+            )

@@ -1,0 +1,262 @@
+"""Training checkpoints: atomic save, exact resume, rotation; Hugging Face export (``export.py``).
+
+A checkpoint is a directory (by convention ``<output_dir>/checkpoint-<step>``, see
+:func:`checkpoint_path`) holding::
+
+    model.safetensors           full weights (or adapter_model.safetensors + adapter_config.json when
+                                adapter_only: only the PEFT adapter, in PEFT's own format)
+    optimizer.pt, scheduler.pt  state dicts (optimizer keyed by parameter name), when given
+    trainer_state.json          the trainer's ``state`` (step, data position, ...; JSON)
+    rng_rank<r>.pt              python / numpy / torch CPU / CUDA generator states of each rank
+    COMPLETE                    written last; JSON with the format facts load needs
+
+Atomicity: everything is written into a hidden sibling ``.<name>.tmp``, the ``COMPLETE`` marker last,
+then the directory is renamed into place (``os.replace`` of a directory is atomic on POSIX). An existing
+checkpoint of the same name is first moved aside and deleted only after the new one is in place. So an
+interrupted save leaves the previous checkpoints intact, and :func:`latest_checkpoint` only ever returns
+directories that carry ``COMPLETE``.
+
+Under FSDP2 every rank must call :func:`save_checkpoint` / :func:`load_checkpoint` (the full state dicts
+are gathered to rank 0, on the CPU, and broadcast back on load); rank 0 writes, each rank writes its own
+RNG file, and the directory must be on a file system all ranks share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastrl.distributed import _state_dict as sd
+from fastrl.distributed.env import barrier, dist_info
+from fastrl.distributed.export import export_hf
+
+__all__ = [
+    "checkpoint_path",
+    "export_hf",
+    "is_complete",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "rotate_checkpoints",
+    "save_checkpoint",
+]
+
+MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+STATE_FILE = "trainer_state.json"
+COMPLETE = "COMPLETE"
+FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    """``<output_dir>/checkpoint-<step>``: the name :func:`latest_checkpoint` and rotation recognise."""
+    return Path(output_dir) / f"checkpoint-{int(step)}"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    state: dict,
+    adapter_only: bool = False,
+) -> Path:
+    """Write a complete checkpoint to ``path`` atomically (see the module docstring); returns ``path``.
+
+    ``state`` must be JSON-serialisable. ``adapter_only`` (PEFT models only) stores just the adapter
+    weights. Collective under a process group.
+    """
+    path = Path(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be a dict, got {type(state).__name__}")
+    try:
+        state_json = json.dumps(state, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"state must be JSON-serialisable: {e}") from e
+    if adapter_only and not sd.is_peft(model):
+        raise ValueError("adapter_only=True needs a PEFT-wrapped model (peft.PeftModel)")
+
+    # Collectives first, on every rank; only rank 0 gets the tensors.
+    full = sd.full_model_state_dict(model)
+    optim_state = sd.full_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    rank, main = dist_info().rank, dist_info().is_main
+
+    tmp = path.parent / f".{path.name}.tmp"
+    if main:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
+            tmp.mkdir()
+            if adapter_only:
+                adapter, _ = sd.adapter_state_dict(model, full)
+                save_file(sd.untie_for_safetensors(adapter), tmp / ADAPTER_FILE, metadata={"format": "pt"})
+                model.peft_config[sd.active_adapter(model)].save_pretrained(str(tmp))
+            else:
+                save_file(sd.untie_for_safetensors(full), tmp / MODEL_FILE, metadata={"format": "pt"})
+            if optim_state is not None:
+                torch.save(optim_state, tmp / OPTIMIZER_FILE)
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            (tmp / STATE_FILE).write_text(state_json, encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            del full, optim_state
+    barrier()
+    torch.save(_rng_state(), tmp / _rng_file(rank))
+    barrier()
+    if main:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "adapter_only": adapter_only,
+            "world_size": dist_info().world_size,
+            "has_optimizer": optimizer is not None,
+            "has_scheduler": scheduler is not None,
+        }
+        (tmp / COMPLETE).write_text(json.dumps(meta), encoding="utf-8")
+        _replace_dir(tmp, path)
+    barrier()
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed only afterwards."""
+    old = dst.parent / f".{dst.name}.old"
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states from ``path``; returns the trainer state.
+
+    ``ValueError`` if ``path`` is not a complete checkpoint or lacks a requested part. Collective under
+    a process group; ``model`` must be wrapped (FSDP, AC, PEFT) as it is for training.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"path must be a complete checkpoint (with a {COMPLETE} marker), got {path}")
+    meta = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
+    if optimizer is not None and not meta["has_optimizer"]:
+        raise ValueError(f"optimizer given but checkpoint {path} holds no optimizer state")
+    if scheduler is not None and not meta["has_scheduler"]:
+        raise ValueError(f"scheduler given but checkpoint {path} holds no scheduler state")
+    main = dist_info().is_main
+
+    if meta["adapter_only"]:
+        if not sd.is_peft(model):
+            raise ValueError(f"checkpoint {path} holds only adapter weights; model must be PEFT-wrapped")
+        # Start from the model's own full weights and overwrite the adapter entries, so the load is a
+        # strict full load that works the same under FSDP.
+        full = sd.full_model_state_dict(model)
+        if main:
+            _, to_fqn = sd.adapter_state_dict(model, full)
+            saved = load_file(path / ADAPTER_FILE)
+            if set(saved) != set(to_fqn):
+                raise ValueError(
+                    f"adapter keys in {path} do not match the model's adapter: "
+                    f"{sorted(set(saved) ^ set(to_fqn))[:5]}"
+                )
+            for key, t in saved.items():
+                full[to_fqn[key]] = t
+    else:
+        full = load_file(path / MODEL_FILE) if main else {}
+    sd.load_full_model_state_dict(model, full)
+    del full
+
+    if optimizer is not None:
+        optim_state = torch.load(path / OPTIMIZER_FILE, weights_only=True) if main else {}
+        sd.load_full_optimizer_state_dict(model, optimizer, optim_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=False))
+    rank = dist_info().rank
+    rng_file = path / _rng_file(rank)
+    if not rng_file.is_file():  # resumed on more ranks than saved: take rank 0's states
+        rng_file = path / _rng_file(0)
+    # Our own file, holding numpy's state tuple: not loadable with weights_only.
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _steps(output_dir: Path) -> list[tuple[int, Path]]:
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        m = _NAME_RE.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete ``checkpoint-<step>`` directory with the highest step, or ``None``."""
+    complete = [p for _, p in _steps(Path(output_dir)) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (rank 0 only); returns the deleted paths.
+
+    Incomplete directories older than the newest complete one are debris of interrupted saves and go
+    too; newer incomplete ones may be a save in progress and stay. ``keep=0`` deletes every checkpoint.
+    """
+    if not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be an integer >= 0, got {keep!r}")
+    if not dist_info().is_main:
+        return []
+    steps = _steps(Path(output_dir))
+    complete = [(s, p) for s, p in steps if is_complete(p)]
+    keep_set = {p for _, p in complete[len(complete) - keep :]} if keep else set()
+    newest = complete[-1][0] if complete else -1
+    deleted = []
+    for step, p in steps:
+        if p in keep_set or (not is_complete(p) and step > newest):
+            continue
+        shutil.rmtree(p)
+        deleted.append(p)
+    return deleted

@@ -1,0 +1,205 @@
+"""``GRPOLossConfig`` and the ``loss_type`` registry of the GRPO loss family.
+
+A loss type is two choices: the per-token policy term (``clip``, ``cispo`` or ``sapo``, see
+``fastrl.losses.grpo_math``) and the normaliser, written here as the per-row factor ``s_b`` with
+``loss = sum_b s_b * sum_t m_bt * L_bt`` (``m`` the mask, ``L`` the per-token loss, ``n_b = sum_t m_bt``)::
+
+    grpo, sapo     s_b = 1 / (B * max(n_b, 1))        mean over sequences of the per-sequence token mean
+    bnpo           s_b = 1 / max(sum_b n_b, 1)         token mean over the micro-batch
+    dr_grpo        s_b = 1 / (B * max_completion_length)
+    dapo, cispo    s_b = 1 / num_items_in_batch        (default: max(sum_b n_b, 1))
+
+A sequence with ``n_b = 0`` adds 0 to the numerator and, for ``grpo``/``sapo``, still counts in the B of
+the mean (TRL clamps the denominator to 1 and averages over the whole batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+POLICIES = ("clip", "cispo", "sapo")
+IS_LEVELS = ("token", "sequence")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+@dataclass(frozen=True)
+class LossType:
+    name: str
+    policy: str  # one of POLICIES
+    row_scale: Callable[[torch.Tensor, GRPOLossConfig], torch.Tensor]  # (n_B, cfg) -> s_B
+
+
+LOSS_TYPES: dict[str, LossType] = {}
+
+
+def register_loss_type(name: str, *, policy: str):
+    """Decorator: register ``fn(n_B, cfg) -> s_B`` (fp32 [B]) as the normaliser of loss type ``name``."""
+    assert policy in POLICIES, policy
+
+    def decorate(fn):
+        assert name not in LOSS_TYPES, f"loss_type {name!r} registered twice"
+        LOSS_TYPES[name] = LossType(name, policy, fn)
+        return fn
+
+    return decorate
+
+
+def get_loss_type(name: str) -> LossType:
+    if name not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {name!r}")
+    return LOSS_TYPES[name]
+
+
+@register_loss_type("grpo", policy="clip")
+@register_loss_type("sapo", policy="sapo")
+def _sequence_mean(n_B: torch.Tensor, cfg: GRPOLossConfig) -> torch.Tensor:
+    return 1.0 / (n_B.numel() * n_B.clamp(min=1.0))
+
+
+@register_loss_type("bnpo", policy="clip")
+def _token_mean(n_B: torch.Tensor, cfg: GRPOLossConfig) -> torch.Tensor:
+    return (1.0 / n_B.sum().clamp(min=1.0)).expand(n_B.shape)
+
+
+@register_loss_type("dr_grpo", policy="clip")
+def _fixed_length(n_B: torch.Tensor, cfg: GRPOLossConfig) -> torch.Tensor:
+    if cfg.max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (an int > 0), got None")
+    return torch.full_like(n_B, 1.0 / (n_B.numel() * cfg.max_completion_length))
+
+
+@register_loss_type("dapo", policy="clip")
+@register_loss_type("cispo", policy="cispo")
+def _global_tokens(n_B: torch.Tensor, cfg: GRPOLossConfig) -> torch.Tensor:
+    items = cfg.num_items_in_batch
+    if items is None:
+        items = n_B.sum()
+    items = torch.as_tensor(items, dtype=n_B.dtype, device=n_B.device)
+    # A count of 0 means every mask is 0 as well, so the numerator is 0 and the clamp only avoids 0/0.
+    return (1.0 / items.clamp(min=1.0)).expand(n_B.shape)
+
+
+@dataclass(kw_only=True)
+class GRPOLossConfig:
+    """Options of ``grpo_loss`` and ``FusedLinearGRPOLoss``.
+
+    Defaults are TRL's ``GRPOConfig``; TRL's ``epsilon`` is ``epsilon_low`` here and its
+    ``vllm_importance_sampling_{mode,clip_min,clip_max}`` are ``is_{mode,clip_min,clip_max}``.
+    """
+
+    loss_type: str = field(
+        default="dapo",
+        metadata={"help": "Policy term + normaliser: grpo, bnpo, dr_grpo, dapo, cispo or sapo."},
+    )
+    epsilon_low: float = field(
+        default=0.2, metadata={"help": "Lower clip width: the ratio is clipped below at 1 - epsilon_low."}
+    )
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "Upper clip width (clip above at 1 + epsilon_high); None means epsilon_low. For cispo it "
+            "is the absolute cap on the ratio (ScaleRL recommends 5.0)."
+        },
+    )
+    delta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Two-sided clipping (INTELLECT-2): cap the unclipped ratio at delta (> 1 + eps_high)."
+        },
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the k3 KL penalty to the reference policy (needs ref_logp)."},
+    )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={"help": "token: per-token ratio; sequence: GSPO ratio exp(masked mean log-ratio)."},
+    )
+    sapo_temperature_pos: float = field(
+        default=1.0, metadata={"help": "SAPO gate temperature for tokens with positive advantage."}
+    )
+    sapo_temperature_neg: float = field(
+        default=1.05, metadata={"help": "SAPO gate temperature for tokens with non-positive advantage."}
+    )
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "Fixed denominator length of dr_grpo (required there)."}
+    )
+    num_items_in_batch: int | float | torch.Tensor | None = field(
+        default=None,
+        metadata={
+            "help": "dapo/cispo denominator: completion tokens of the whole generation batch (per process "
+            "under DDP gradient averaging); None means this call's mask sum."
+        },
+    )
+    is_mode: str = field(
+        default="sequence_mask",
+        metadata={"help": "Engine importance-sampling correction: token/sequence x truncate/mask."},
+    )
+    is_clip_min: float | None = field(
+        default=None, metadata={"help": "Lower bound of the engine IS weight (None: no lower bound)."}
+    )
+    is_clip_max: float | None = field(
+        default=3.0, metadata={"help": "Upper bound of the engine IS weight (None: no upper bound)."}
+    )
+
+    def __post_init__(self):
+        get_loss_type(self.loss_type)
+        if not 0.0 <= self.epsilon_low < 1.0:
+            raise ValueError(f"epsilon_low must lie in [0, 1), got {self.epsilon_low!r}")
+        if self.epsilon_high is not None and not self.epsilon_high >= 0.0:
+            raise ValueError(f"epsilon_high must be None or >= 0, got {self.epsilon_high!r}")
+        # delta <= 1 + eps_high would let the delta cap bite inside the trust region, a setting TRL warns
+        # against; excluding it also keeps the closed-form gradient free of ties between the two caps.
+        if self.delta is not None and not self.delta > 1.0 + self.eps_high:
+            raise ValueError(
+                f"delta must be None or > 1 + epsilon_high = {1 + self.eps_high}, got {self.delta!r}"
+            )
+        if not self.beta >= 0.0:
+            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
+        if self.importance_sampling_level not in IS_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level must be one of {IS_LEVELS}, "
+                f"got {self.importance_sampling_level!r}"
+            )
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        mcl = self.max_completion_length
+        if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0):
+            raise ValueError(f"max_completion_length must be None or an int > 0, got {mcl!r}")
+        items = self.num_items_in_batch
+        if items is not None and not isinstance(items, torch.Tensor) and not items > 0:
+            raise ValueError(f"num_items_in_batch must be None, a number > 0 or a tensor, got {items!r}")
+        if self.is_mode not in IS_MODES:
+            raise ValueError(f"is_mode must be one of {IS_MODES}, got {self.is_mode!r}")
+        lo, hi = self.is_clip_min, self.is_clip_max
+        if lo is not None and not lo >= 0.0:
+            raise ValueError(f"is_clip_min must be None or >= 0, got {lo!r}")
+        if hi is not None and not (hi > 0.0 and (lo is None or hi > lo)):
+            raise ValueError(f"is_clip_max must be None or > max(0, is_clip_min), got {hi!r}")
+
+    @property
+    def eps_high(self) -> float:
+        """``epsilon_high`` with None resolved to ``epsilon_low``."""
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def policy(self) -> str:
+        return LOSS_TYPES[self.loss_type].policy
+
+
+def make_config(config: GRPOLossConfig | None, options: dict) -> GRPOLossConfig:
+    """``config`` with ``options`` (field names) overriding it; a fresh default config when None."""
+    if config is not None and not isinstance(config, GRPOLossConfig):
+        raise ValueError(f"config must be a GRPOLossConfig or None, got {type(config).__name__}")
+    valid = sorted(f.name for f in dataclasses.fields(GRPOLossConfig))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown GRPO option(s) {unknown}; valid options are {valid}")
+    if config is None:
+        return GRPOLossConfig(**options)
+    return dataclasses.replace(config, **options) if options else config

@@ -1,0 +1,114 @@
+"""What the three trainers share besides the loop: the policy and its reference, per-token log-probs from
+the backbone's hidden states (the lm_head is applied only inside the fused log-prob op, never as full
+logits), and batch movement."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+
+import torch
+
+from fastrl.models import (
+    LoraConfig,
+    ModelConfig,
+    adapter_disabled,
+    apply_lora,
+    backbone_hidden,
+    lm_head_params,
+)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Reference:
+    """The reference policy: the policy with its LoRA adapter disabled, a frozen copy of the initial
+    policy otherwise, or nothing. ``with ref.model() as m:`` gives the module to run in eval mode and
+    under ``no_grad``."""
+
+    def __init__(self, policy: torch.nn.Module, *, lora: bool, needed: bool):
+        self.policy, self.lora, self.needed = policy, lora, needed
+        self.frozen = None
+        if needed and not lora:
+            self.frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def model(self):
+        assert self.needed, "no reference model in this run"
+        if self.frozen is not None:
+            with torch.no_grad():
+                yield self.frozen
+            return
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad(), adapter_disabled(self.policy):
+                yield self.policy
+        finally:
+            self.policy.train(was_training)
+
+
+def setup_policy(
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    device: torch.device,
+    *,
+    need_reference: bool,
+    model=None,
+    tokenizer=None,
+):
+    """(policy, tokenizer, Reference). ``model``/``tokenizer`` given in memory skip the loading."""
+    if model is None:
+        from fastrl.models import load_model_and_tokenizer
+
+        model, loaded_tok = load_model_and_tokenizer(model_cfg, device=device)
+        tokenizer = tokenizer or loaded_tok
+    elif tokenizer is None:
+        raise ValueError("tokenizer must be given together with an in-memory model")
+    model.to(device)
+    model = apply_lora(model, lora_cfg)
+    model.train()
+    return model, tokenizer, Reference(model, lora=lora_cfg.enabled, needed=need_reference)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def hidden_and_head(model, batch: dict):
+    """(hidden_BTH, weight_VH, bias_V or None) of a collated batch."""
+    hidden = backbone_hidden(
+        model,
+        batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch["position_ids"],
+    )
+    weight, bias = lm_head_params(model)
+    return hidden, weight, bias
+
+
+def token_logps(model, batch: dict, *, temperature: float = 1.0, chunk_size: int | None = None):
+    """(logp [B, T-1] fp32, mask [B, T-1] bool): log-prob of each next token ``labels[:, 1:]`` given the
+    prefix, 0 where the label is -100 (mask False)."""
+    from fastrl.ops.linear_logprobs import linear_logprobs
+
+    hidden, weight, bias = hidden_and_head(model, batch)
+    labels = batch["labels"][:, 1:]
+    logp = linear_logprobs(
+        hidden[:, :-1], weight, labels, bias=bias, temperature=temperature, chunk_size=chunk_size
+    )
+    mask = labels != -100
+    return torch.where(mask, logp, torch.zeros_like(logp)), mask
+
+
+def as_dataset(dataset):
+    """A ``datasets.Dataset`` from a list of dicts; a dataset as is."""
+    if isinstance(dataset, list):
+        import datasets
+
+        return datasets.Dataset.from_list(dataset)
+    return dataset

@@ -1,0 +1,247 @@
+"""The one training loop the SFT, DPO and GRPO trainers share.
+
+Per optimizer step: ``gradient_accumulation_steps`` micro-steps, each ``loss, metrics = step.micro_step(i)``
+followed by ``(loss / gradient_accumulation_steps).backward()`` (bf16 autocast on CUDA); then gradient
+clipping, AdamW, the learning-rate schedule, a JSONL metrics record (TensorBoard too when installed and
+asked for), a progress bar, and every ``save_steps`` an atomic checkpoint (weights or LoRA adapter,
+optimizer, scheduler, RNG states and the step's own state, e.g. the data position). A run whose
+``output_dir`` holds a checkpoint resumes from it with ``resume_from_checkpoint="auto"``; the final model is
+exported in Hugging Face format to ``output_dir/final``.
+
+Schedule: ``lr(s) = lr * s / warmup_steps`` for ``s < warmup_steps``; afterwards ``lr`` (constant) or
+``lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)`` with ``p = (s - warmup) / (max_steps - warmup)`` and
+``m = min_lr_ratio`` (cosine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW, the learning-rate schedule and gradient clipping."""
+
+    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    schedule: str = field(default="cosine", metadata={"help": "After warmup: 'cosine' decay or 'constant'."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup from 0 over this many steps."})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine floor as a fraction of lr."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global grad norm (0: no clip)."})
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError("optim.lr, optim.warmup_steps and optim.max_grad_norm must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Length of the run, batch shape, logging and checkpointing."""
+
+    output_dir: str = field(default="runs/run", metadata={"help": "Checkpoints, metrics and the export."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps to run."})
+    per_device_batch_size: int = field(default=8, metadata={"help": "Sequences per micro-step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    seed: int = field(default=0, metadata={"help": "Seed for init, data order and sampling."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cpu' or 'cuda'."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on the CPU)."})
+    logging_steps: int = field(default=1, metadata={"help": "Write a metrics record every N steps."})
+    tensorboard: bool = field(default=False, metadata={"help": "Also log to TensorBoard when installed."})
+    progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: never)."})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N checkpoints."}
+    )
+    resume_from_checkpoint: str = field(
+        default="", metadata={"help": "'' (fresh run), 'auto' (latest in output_dir, if any) or a path."}
+    )
+    export_final: bool = field(default=True, metadata={"help": "Export output_dir/final in HF format."})
+
+    def __post_init__(self):
+        for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_steps < 0:
+            raise ValueError(f"train.save_steps must be >= 0, got {self.save_steps}")
+
+
+class TrainStep(Protocol):
+    """What a trainer adds to the loop: one micro-step, and the state a checkpoint must carry."""
+
+    def micro_step(self, index: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Multiplier of ``optim.lr`` at optimizer step ``step`` (0-based), see the module docstring."""
+    if step < optim.warmup_steps:
+        return (step + 1) / (optim.warmup_steps + 1)
+    if optim.schedule == "constant":
+        return 1.0
+    p = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the output dir (records after ``start_step`` from an interrupted run are
+    dropped on resume), plus TensorBoard when asked for and installed."""
+
+    def __init__(self, output_dir: Path, *, start_step: int, tensorboard: bool, enabled: bool):
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        kept = []
+        if start_step and self.path.exists():
+            kept = [
+                r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= start_step
+            ]
+        self.path.write_text("".join(r + "\n" for r in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+
+def _scalar(v) -> float:
+    return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def train(
+    step: TrainStep,
+    *,
+    model: torch.nn.Module,
+    tokenizer,
+    train_cfg: TrainConfig,
+    optim_cfg: OptimConfig,
+    adapter_only: bool = False,
+    desc: str = "train",
+) -> dict:
+    """Run the loop (see the module docstring). Returns the last record plus ``history`` (all records)."""
+    from tqdm.auto import tqdm
+
+    from fastrl.distributed.checkpoint import (
+        checkpoint_path,
+        export_hf,
+        latest_checkpoint,
+        load_checkpoint,
+        rotate_checkpoints,
+        save_checkpoint,
+    )
+    from fastrl.distributed.env import dist_info
+
+    is_main = dist_info().rank == 0
+    out = Path(train_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=optim_cfg.lr,
+        betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
+        eps=optim_cfg.adam_eps,
+        weight_decay=optim_cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, optim_cfg, train_cfg.max_steps)
+    )
+
+    start = 0
+    resume = train_cfg.resume_from_checkpoint
+    ckpt = latest_checkpoint(out) if resume == "auto" else (resume or None)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        start = int(state["step"])
+        step.load_state_dict(state["trainer"])
+        if is_main:
+            print(f"resumed from {ckpt} at step {start}")
+
+    log = MetricsLog(out, start_step=start, tensorboard=train_cfg.tensorboard, enabled=is_main)
+    device = next(model.parameters()).device
+    ga = train_cfg.gradient_accumulation_steps
+    history, window = [], defaultdict(list)
+    bar = tqdm(
+        total=train_cfg.max_steps, initial=start, desc=desc, disable=not (train_cfg.progress_bar and is_main)
+    )
+    t0 = time.perf_counter()
+    for s in range(start, train_cfg.max_steps):
+        model.train()
+        sums: dict[str, list[float]] = defaultdict(list)
+        for k in range(ga):
+            with torch.autocast(
+                "cuda", dtype=torch.bfloat16, enabled=train_cfg.bf16 and device.type == "cuda"
+            ):
+                loss, metrics = step.micro_step(s * ga + k)
+            (loss / ga).backward()
+            sums["loss"].append(_scalar(loss))
+            for key, v in metrics.items():
+                sums[key].append(_scalar(v))
+        clip = optim_cfg.max_grad_norm if optim_cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        for key, vals in sums.items():
+            window[key].append(sum(vals) / len(vals))
+        window["grad_norm"].append(float(grad_norm))
+        bar.update(1)
+        bar.set_postfix({k: f"{window[k][-1]:.4g}" for k in ("loss", "reward") if k in window})
+        if (s + 1) % train_cfg.logging_steps == 0 or s + 1 == train_cfg.max_steps:
+            record = {"step": s + 1, "lr": lr, **{k: sum(v) / len(v) for k, v in window.items()}}
+            record["elapsed_s"] = time.perf_counter() - t0
+            history.append(record)
+            log.write(record)
+            window.clear()
+        if train_cfg.save_steps and (s + 1) % train_cfg.save_steps == 0 and s + 1 < train_cfg.max_steps:
+            save_checkpoint(
+                checkpoint_path(out, s + 1),
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state={"step": s + 1, "trainer": step.state_dict()},
+                adapter_only=adapter_only,
+            )
+            if train_cfg.save_total_limit is not None:
+                rotate_checkpoints(out, train_cfg.save_total_limit)
+    bar.close()
+    if train_cfg.export_final and is_main:
+        export_hf(model, tokenizer, out / "final")
+    return {**(history[-1] if history else {}), "history": history}

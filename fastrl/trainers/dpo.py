@@ -1,0 +1,170 @@
+"""Direct preference optimisation: chosen and rejected sequences in one forward (2B rows, padded to one
+length on either side), the policy's hidden states into ``FusedLinearDPOLoss`` (any ``loss_type`` of
+``fastrl.losses.dpo``, LD-DPO's ``ld_alpha``), the reference's sequence log-probs computed on the fly under
+``no_grad`` or once before training (``precompute_ref_log_probs``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fastrl.data import DataConfig, EpochSampler, collate_dpo, dpo_example, load_data, require_columns
+from fastrl.models import LoraConfig, ModelConfig
+from fastrl.trainers.common import (
+    as_dataset,
+    hidden_and_head,
+    seed_everything,
+    setup_policy,
+    to_device,
+    token_logps,
+)
+from fastrl.trainers.core import OptimConfig, TrainConfig, resolve_device, train
+
+
+@dataclass(kw_only=True)
+class DPOConfig:
+    """The DPO loss and its reference."""
+
+    beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the implicit reward."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "A loss of fastrl.losses.dpo.DPO_LOSSES."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label noise (cDPO/robust/exo_pair)."})
+    loss_options: dict = field(
+        default_factory=dict, metadata={"help": "Extra options of the loss type, e.g. {discopop_tau: 0.05}."}
+    )
+    ld_alpha: float | None = field(
+        default=None, metadata={"help": "LD-DPO weight of tokens past the shorter completion (None: off)."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Compute reference log-probs once before training."}
+    )
+    chunk_size: int | None = field(default=None, metadata={"help": "Tokens per fused log-prob chunk."})
+
+
+@dataclass(kw_only=True)
+class DPORunConfig:
+    """A complete DPO run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model to train."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (PEFT)."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Loop, logging, checkpoints."})
+    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "DPO options."})
+
+
+def sequence_logps(model, batch: dict, num_pairs: int, *, ld_alpha: float | None, chunk_size=None):
+    """(chosen [B], rejected [B]) summed completion log-probs of a ``collate_dpo`` batch (LD-DPO sums when
+    ``ld_alpha`` is set)."""
+    from fastrl.losses.dpo import ld_sequence_logps
+
+    logp, mask = token_logps(model, batch, chunk_size=chunk_size)
+    B = num_pairs
+    if ld_alpha is None:
+        return logp[:B].sum(1), logp[B:].sum(1)
+    return ld_sequence_logps(logp[:B], mask[:B], logp[B:], mask[B:], ld_alpha)
+
+
+class DPOStep:
+    def __init__(self, model, ref, tokenizer, examples: list[dict], cfg: DPORunConfig, device):
+        from fastrl.losses.fused_dpo import FusedLinearDPOLoss
+
+        self.model, self.ref, self.cfg, self.device = model, ref, cfg, device
+        self.pad_id = tokenizer.pad_token_id
+        self.examples = examples
+        d = cfg.dpo
+        self.loss_fn = FusedLinearDPOLoss(
+            beta=d.beta,
+            loss_type=d.loss_type,
+            label_smoothing=d.label_smoothing,
+            ld_alpha=d.ld_alpha,
+            chunk_size=d.chunk_size,
+            **d.loss_options,
+        )
+        self.sampler = EpochSampler(len(examples), cfg.train.per_device_batch_size, seed=cfg.train.seed)
+        if d.precompute_ref_log_probs:
+            self.precompute()
+
+    def collate(self, exs: list[dict]) -> dict:
+        data = self.cfg.data
+        batch = collate_dpo(exs, self.pad_id, side=data.padding_side, multiple_of=data.pad_to_multiple_of)
+        return to_device(batch, self.device)
+
+    def reference_logps(self, batch: dict, num_pairs: int):
+        with self.ref.model() as ref_model:
+            return sequence_logps(
+                ref_model,
+                batch,
+                num_pairs,
+                ld_alpha=self.cfg.dpo.ld_alpha,
+                chunk_size=self.cfg.dpo.chunk_size,
+            )
+
+    def precompute(self) -> None:
+        bs = self.cfg.train.per_device_batch_size
+        for start in range(0, len(self.examples), bs):
+            exs = self.examples[start : start + bs]
+            rc, rr = self.reference_logps(self.collate(exs), len(exs))
+            for ex, c, r in zip(exs, rc.tolist(), rr.tolist()):
+                ex["ref_chosen"], ex["ref_rejected"] = c, r
+
+    def micro_step(self, index: int):
+        exs = [self.examples[i] for i in self.sampler.next_batch()]
+        B = len(exs)
+        batch = self.collate(exs)
+        if self.cfg.dpo.precompute_ref_log_probs:
+            rc = torch.tensor([e["ref_chosen"] for e in exs], device=self.device)
+            rr = torch.tensor([e["ref_rejected"] for e in exs], device=self.device)
+        else:
+            rc, rr = self.reference_logps(batch, B)
+        hidden, weight, bias = hidden_and_head(self.model, batch)
+        hidden, labels = hidden[:, :-1], batch["labels"][:, 1:]
+        loss, metrics = self.loss_fn(
+            hidden[:B],
+            hidden[B:],
+            weight,
+            labels[:B],
+            labels[B:],
+            bias=bias,
+            ref_chosen_logps=rc,
+            ref_rejected_logps=rr,
+        )
+        return loss, metrics
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def tokenize_dpo(dataset, tokenizer, data: DataConfig) -> list[dict]:
+    require_columns(dataset, ["prompt", "chosen", "rejected"], task="DPO")
+    return [
+        dpo_example(tokenizer, ex, max_prompt_length=data.max_prompt_length, max_length=data.max_length)
+        for ex in dataset
+    ]
+
+
+def run_dpo(cfg: DPORunConfig, *, model=None, tokenizer=None, dataset=None) -> dict:
+    """Train with DPO; returns the final metrics record (plus ``history``). ``model``, ``tokenizer`` and
+    ``dataset`` may be given in memory instead of by name."""
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    model, tokenizer, ref = setup_policy(
+        cfg.model, cfg.lora, device, need_reference=True, model=model, tokenizer=tokenizer
+    )
+    dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
+    examples = tokenize_dpo(dataset, tokenizer, cfg.data)
+    step = DPOStep(model, ref, tokenizer, examples, cfg, device)
+    if cfg.dpo.precompute_ref_log_probs:
+        ref.frozen = None  # the frozen copy is no longer needed: free its memory
+    return train(
+        step,
+        model=model,
+        tokenizer=tokenizer,
+        train_cfg=cfg.train,
+        optim_cfg=cfg.optim,
+        adapter_only=cfg.lora.enabled,
+        desc="dpo",
+    )

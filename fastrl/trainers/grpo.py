@@ -1,0 +1,250 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath) with the loss family of ``fastrl.losses`` (DAPO, Dr. GRPO, GSPO,
+CISPO, SAPO...), generation decoupled from gradient accumulation.
+
+Schedule: one generation round every ``steps_per_generation * num_iterations`` micro-steps produces
+``generation_batch_size`` completions (``generation_batch_size / num_generations`` prompts); they are
+shuffled and split into ``steps_per_generation`` micro-batches of ``per_device_batch_size``, which the next
+micro-steps consume in order, ``num_iterations`` times over. Old log-probs are computed at generation only
+when some of those micro-steps run after an optimizer step (``gradient_accumulation_steps`` is not a
+multiple of the round length); otherwise the policy is unchanged and the ratio is exactly 1 at
+``old_logp = logp.detach()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from fastrl.data import DataConfig, EpochSampler, encode_prompt, load_data, require_columns
+from fastrl.losses.grpo_config import GRPOLossConfig
+from fastrl.models import LoraConfig, ModelConfig
+from fastrl.rewards import SCALE_REWARDS, resolve_reward
+from fastrl.trainers.common import as_dataset, hidden_and_head, seed_everything, setup_policy, to_device
+from fastrl.trainers.core import OptimConfig, TrainConfig, resolve_device, train
+from fastrl.trainers.rollout import make_rollout
+
+
+@dataclass(kw_only=True)
+class GRPOConfig:
+    """Generation, rewards and the rollout schedule."""
+
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (the group size)."})
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Completions per generation round (None: batch size x steps_per_gen)."},
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-batches per generation round (None: gradient accumulation)."}
+    )
+    num_iterations: int = field(default=1, metadata={"help": "Passes over each generation round (mu)."})
+    max_completion_length: int = field(default=256, metadata={"help": "Most new tokens per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also the loss's)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: off)."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens (0: off)."})
+    reward_funcs: list[str] = field(
+        default_factory=list, metadata={"help": "Built-in reward names or 'module:function' specs."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (None: all 1)."}
+    )
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Divide centred rewards by the 'group' or 'batch' std, or 'none'."}
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Exclude completions without EOS from the loss."}
+    )
+    use_engine_logprobs: bool = field(
+        default=False, metadata={"help": "Correct for engine/trainer mismatch with engine log-probs (IS)."}
+    )
+    shuffle_rollouts: bool = field(default=True, metadata={"help": "Shuffle a round before splitting it."})
+    chunk_size: int | None = field(default=None, metadata={"help": "Tokens per fused log-prob chunk."})
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(f"grpo.num_generations must be >= 2 (a group), got {self.num_generations}")
+        if self.num_iterations < 1 or self.max_completion_length < 1:
+            raise ValueError("grpo.num_iterations and grpo.max_completion_length must be >= 1")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"grpo.scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("grpo.temperature must be > 0, grpo.top_p in (0, 1] and grpo.top_k >= 0")
+
+
+def _engine_config():
+    from fastrl.engine import EngineConfig
+
+    return EngineConfig()
+
+
+@dataclass(kw_only=True)
+class GRPORunConfig:
+    """A complete GRPO run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model to train."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (PEFT)."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompts (plus reward columns)."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Loop, logging, checkpoints."})
+    grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Generation and rewards."})
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig, metadata={"help": "The GRPO loss."})
+    engine: object = field(default_factory=_engine_config, metadata={"help": "The generation engine."})
+
+
+def schedule(cfg: GRPORunConfig) -> tuple[int, int]:
+    """(generation_batch_size, steps_per_generation) resolved and checked."""
+    g, bs, ga = cfg.grpo, cfg.train.per_device_batch_size, cfg.train.gradient_accumulation_steps
+    gbs, spg = g.generation_batch_size, g.steps_per_generation
+    if gbs is None and spg is None:
+        spg = ga
+    if gbs is None:
+        gbs = bs * spg
+    elif spg is None:
+        if gbs % bs:
+            raise ValueError(
+                f"grpo.generation_batch_size ({gbs}) must be a multiple of the batch size ({bs})"
+            )
+        spg = gbs // bs
+    if gbs != bs * spg:
+        raise ValueError(
+            f"grpo.generation_batch_size ({gbs}) must equal per_device_batch_size x steps_per_generation "
+            f"({bs} x {spg})"
+        )
+    if gbs % g.num_generations:
+        raise ValueError(
+            f"grpo.generation_batch_size ({gbs}) must be a multiple of grpo.num_generations "
+            f"({g.num_generations})"
+        )
+    return gbs, spg
+
+
+class GRPOStep:
+    def __init__(self, model, ref, tokenizer, rows, reward_funcs, engine, cfg: GRPORunConfig, device):
+        from fastrl.losses.fused_grpo import FusedLinearGRPOLoss
+
+        self.model, self.ref, self.tokenizer, self.rows = model, ref, tokenizer, rows
+        self.engine, self.cfg, self.device = engine, cfg, device
+        self.reward_funcs = reward_funcs
+        weights = cfg.grpo.reward_weights
+        if weights is not None and len(weights) != len(reward_funcs):
+            raise ValueError(
+                f"grpo.reward_weights has {len(weights)} entries for {len(reward_funcs)} reward functions"
+            )
+        self.reward_weights = list(weights) if weights is not None else [1.0] * len(reward_funcs)
+        gbs, self.steps_per_generation = schedule(cfg)
+        self.cycle = self.steps_per_generation * cfg.grpo.num_iterations
+        self.need_old = cfg.train.gradient_accumulation_steps % self.cycle != 0
+        loss_cfg = cfg.loss
+        if loss_cfg.loss_type == "dr_grpo" and loss_cfg.max_completion_length is None:
+            loss_cfg = dataclasses.replace(loss_cfg, max_completion_length=cfg.grpo.max_completion_length)
+        self.loss_cfg = loss_cfg
+        self.loss_fn = FusedLinearGRPOLoss(
+            loss_cfg, temperature=cfg.grpo.temperature, chunk_size=cfg.grpo.chunk_size
+        )
+        self.sampler = EpochSampler(len(rows), gbs // cfg.grpo.num_generations, seed=cfg.train.seed)
+        self.buffer: list[dict] = []
+        self.round_metrics: dict[str, float] = {}
+        self.generate_calls = 0
+
+    def micro_step(self, index: int):
+        if index % self.cycle == 0:
+            rows = [self.rows[i] for i in self.sampler.next_batch()]
+            self.buffer, self.round_metrics = make_rollout(self, rows, index // self.cycle)
+        mb = to_device(self.buffer[index % self.steps_per_generation], self.device)
+        hidden, weight, bias = hidden_and_head(self.model, mb)
+        C = mb["completion_ids"].shape[1]
+        P = mb["input_ids"].shape[1] - C
+        mask = mb["completion_mask"]
+        labels = torch.where(mask > 0, mb["completion_ids"], -100)
+        loss_fn = self.loss_fn
+        if self.loss_cfg.loss_type in ("dapo", "cispo") and self.loss_cfg.num_items_in_batch is None:
+            loss_fn.config = dataclasses.replace(self.loss_cfg, num_items_in_batch=float(mb["num_items"]))
+        loss, metrics = loss_fn(
+            hidden[:, P - 1 : -1],
+            weight,
+            labels,
+            mb.get("old_logp"),
+            mb["advantages"],
+            mask,
+            bias=bias,
+            ref_logp=mb.get("ref_logp"),
+            engine_logp=mb.get("engine_logp"),
+        )
+        metrics = {k: v for k, v in metrics.items() if k != "logp" and torch.as_tensor(v).numel() == 1}
+        return loss, {**self.round_metrics, **metrics}
+
+    def state_dict(self) -> dict:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "buffer": [{k: _encode(v) for k, v in mb.items()} for mb in self.buffer],
+            "round_metrics": self.round_metrics,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.buffer = [{k: _decode(v) for k, v in mb.items()} for mb in state["buffer"]]
+        self.round_metrics = state["round_metrics"]
+
+
+# The checkpoint's trainer state is JSON: a rollout round still in use is stored as nested lists (exact for
+# float32 and int64), so a run resumed mid-round trains on the very same rollouts.
+def _encode(t: torch.Tensor) -> dict:
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "data": t.flatten().tolist(),
+    }
+
+
+def _decode(d: dict) -> torch.Tensor:
+    return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"])).view(d["shape"])
+
+
+def prepare_prompts(dataset, tokenizer, data: DataConfig) -> list[dict]:
+    """Rows ``{"prompt", "prompt_ids", "columns"}``; every column but ``prompt`` goes to the rewards."""
+    require_columns(dataset, ["prompt"], task="GRPO")
+    return [
+        {
+            "prompt": ex["prompt"],
+            "prompt_ids": encode_prompt(tokenizer, ex["prompt"], data.max_prompt_length),
+            "columns": {k: v for k, v in ex.items() if k != "prompt"},
+        }
+        for ex in dataset
+    ]
+
+
+def run_grpo(
+    cfg: GRPORunConfig, *, model=None, tokenizer=None, dataset=None, reward_funcs=None, engine=None
+) -> dict:
+    """Train with GRPO; returns the final metrics record (plus ``history``). ``model``, ``tokenizer``,
+    ``dataset``, ``reward_funcs`` (callables, replacing ``grpo.reward_funcs``) and ``engine`` may be given
+    in memory."""
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    funcs = (
+        list(reward_funcs) if reward_funcs is not None else [resolve_reward(r) for r in cfg.grpo.reward_funcs]
+    )
+    if not funcs:
+        raise ValueError("grpo.reward_funcs must name at least one reward function")
+    model, tokenizer, ref = setup_policy(
+        cfg.model, cfg.lora, device, need_reference=cfg.loss.beta != 0, model=model, tokenizer=tokenizer
+    )
+    dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
+    rows = prepare_prompts(dataset, tokenizer, cfg.data)
+    if engine is None:
+        from fastrl.engine import build_engine
+
+        engine = build_engine(cfg.engine, model, tokenizer)
+    step = GRPOStep(model, ref, tokenizer, rows, funcs, engine, cfg, device)
+    out = train(
+        step,
+        model=model,
+        tokenizer=tokenizer,
+        train_cfg=cfg.train,
+        optim_cfg=cfg.optim,
+        adapter_only=cfg.lora.enabled,
+        desc="grpo",
+    )
+    out["generate_calls"] = step.generate_calls
+    return out

@@ -1,0 +1,143 @@
+"""One GRPO generation round: prompts -> engine -> rewards -> advantages -> rollout tensors (old and
+reference log-probs when needed), shuffled and split into the micro-batches of the following
+``steps_per_generation * num_iterations`` micro-steps.
+
+Rollout layout: prompts left-padded to P columns, completions right-padded to C columns starting at column
+P, so the completion's token t is scored from the hidden state at column ``P - 1 + t``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastrl.data import collate_prompt_completion
+from fastrl.rewards import combine_rewards, compute_rewards, group_advantages, reward_name
+
+
+def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    """Tokens up to and including the first EOS (the EOS is trained on: it is how the policy stops)."""
+    return ids[: ids.index(eos_id) + 1] if eos_id in ids else list(ids)
+
+
+def completion_logps(model, mb: dict, *, temperature: float, chunk_size=None) -> torch.Tensor:
+    """[B, C] fp32 log-probs of the completion tokens under ``model`` (0 outside the completion mask)."""
+    from fastrl.ops.linear_logprobs import linear_logprobs
+    from fastrl.trainers.common import hidden_and_head
+
+    hidden, weight, bias = hidden_and_head(model, mb)
+    C = mb["completion_ids"].shape[1]
+    P = mb["input_ids"].shape[1] - C
+    labels = torch.where(mb["completion_mask"] > 0, mb["completion_ids"], -100)
+    logp = linear_logprobs(
+        hidden[:, P - 1 : -1], weight, labels, bias=bias, temperature=temperature, chunk_size=chunk_size
+    )
+    return torch.where(labels != -100, logp, torch.zeros_like(logp))
+
+
+def _split(t: torch.Tensor, perm: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    return list(t[perm].chunk(parts))
+
+
+def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict], dict[str, float]]:
+    """Generate ``num_generations`` completions per row of ``rows`` and turn them into
+    ``steps_per_generation`` micro-batches (dicts of CPU tensors) plus this round's metrics.
+    ``trainer`` is the ``GRPOStep``."""
+    from fastrl.engine import SamplingParams
+
+    cfg, g = trainer.cfg, trainer.cfg.grpo
+    tok, G = trainer.tokenizer, g.num_generations
+    prompt_ids = [r["prompt_ids"] for r in rows for _ in range(G)]
+    params = SamplingParams(
+        max_new_tokens=g.max_completion_length,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        seed=cfg.train.seed * 1_000_003 + generation,
+    )
+    was_training = trainer.model.training
+    trainer.model.eval()
+    with torch.no_grad():
+        out = trainer.engine.generate(prompt_ids, params)
+    trainer.model.train(was_training)
+    trainer.generate_calls += 1
+
+    completions = [cut_at_eos(c, tok.eos_token_id) for c in out.completion_ids]
+    texts = tok.batch_decode(completions, skip_special_tokens=True)
+    columns = {k: [r["columns"][k] for r in rows for _ in range(G)] for k in rows[0]["columns"]}
+    rewards_NF = compute_rewards(
+        trainer.reward_funcs,
+        prompts=[r["prompt"] for r in rows for _ in range(G)],
+        completions=texts,
+        completion_ids=completions,
+        columns=columns,
+    )
+    rewards_N = combine_rewards(rewards_NF, trainer.reward_weights)
+    adv_N, metrics = group_advantages(rewards_N, G, scale_rewards=g.scale_rewards)
+
+    batch = collate_prompt_completion(prompt_ids, completions, tok.pad_token_id)
+    mask = batch["completion_mask"].float()
+    truncated = torch.tensor([bool(t) for t in out.truncated])
+    if g.mask_truncated_completions:
+        mask[truncated] = 0.0
+    batch["completion_mask"] = mask
+    batch["advantages"] = adv_N
+    if g.use_engine_logprobs:
+        eng = torch.zeros_like(mask)
+        for i, lp in enumerate(out.logprobs):
+            n = min(len(lp), len(completions[i]))
+            eng[i, :n] = torch.tensor(lp[:n], dtype=torch.float32)
+        batch["engine_logp"] = eng
+
+    N = len(prompt_ids)
+    spg, bs = trainer.steps_per_generation, cfg.train.per_device_batch_size
+    device = trainer.device
+    with torch.no_grad():
+        for key, needed in (("old_logp", trainer.need_old), ("ref_logp", trainer.ref.needed)):
+            if not needed:
+                continue
+            parts = []
+            for start in range(0, N, bs):
+                mb = {k: v[start : start + bs].to(device) for k, v in batch.items()}
+                if key == "old_logp":
+                    parts.append(completion_logps(trainer.model, mb, temperature=g.temperature).cpu())
+                else:
+                    with trainer.ref.model() as ref_model:
+                        parts.append(completion_logps(ref_model, mb, temperature=g.temperature).cpu())
+            batch[key] = torch.cat(parts)
+
+    if g.shuffle_rollouts:
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.train.seed + 7919 * generation))
+    else:
+        perm = torch.arange(N)
+    # dapo/cispo normalise by the completion tokens of the whole generation batch; the loop divides each
+    # micro-step by gradient_accumulation_steps, so each micro-step is normalised by tokens / spg.
+    items = max(float(mask.sum()), 1.0) / spg
+    micro = [dict(zip(batch, vals)) for vals in zip(*(_split(v, perm, spg) for v in batch.values()))]
+    for mb in micro:
+        mb["num_items"] = torch.tensor(items)
+        keep = int(mb["completion_mask"].sum(0).nonzero().max()) + 1 if mb["completion_mask"].any() else 1
+        C = mb["completion_ids"].shape[1]
+        # trim completion columns that are padding in every row of this micro-batch
+        for k in ("completion_ids", "completion_mask", "old_logp", "ref_logp", "engine_logp"):
+            if k in mb:
+                mb[k] = mb[k][:, :keep]
+        for k in ("input_ids", "attention_mask", "position_ids"):
+            mb[k] = mb[k][:, : mb[k].shape[1] - (C - keep)]
+
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+    metrics.update(
+        {
+            "reward": float(torch.nanmean(rewards_N)) if (~rewards_N.isnan()).any() else math.nan,
+            "advantage_abs_mean": float(adv_N.abs().mean()),
+            "completion_length": float(lengths.mean()),
+            "completion_length_min": float(lengths.min()),
+            "completion_length_max": float(lengths.max()),
+            "truncated_frac": float(truncated.float().mean()),
+        }
+    )
+    for j, fn in enumerate(trainer.reward_funcs):
+        col = rewards_NF[:, j]
+        metrics[f"reward/{reward_name(fn)}"] = float(torch.nanmean(col)) if (~col.isnan()).any() else math.nan
+    return micro, metrics

@@ -1,0 +1,149 @@
+"""Supervised fine-tuning: ``loss = -mean_t log p(y_t | y_<t)`` over the loss tokens of a micro-batch
+(completion tokens with ``completion_only_loss``, assistant turns with ``assistant_only_loss``, every
+token of plain text), computed from hidden states by the fused linear log-prob op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastrl.data import DataConfig, EpochSampler, collate_lm, collate_packed, load_data, sft_example
+from fastrl.models import LoraConfig, ModelConfig
+from fastrl.trainers.common import as_dataset, setup_policy, to_device, token_logps
+from fastrl.trainers.core import OptimConfig, TrainConfig, resolve_device, train
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    """What SFT takes its loss on, and packing."""
+
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "Loss on completion tokens only (None: on for prompt/completion data)."},
+    )
+    assistant_only_loss: bool = field(
+        default=False, metadata={"help": "For messages data: loss on the assistant turns only."}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "Pack several examples per row up to data.max_length (FFD)."}
+    )
+    formatting_func: str | None = field(
+        default=None,
+        metadata={"help": "'module:function' mapping an example to text or to {'prompt', 'completion'}."},
+    )
+    chunk_size: int | None = field(default=None, metadata={"help": "Tokens per fused log-prob chunk."})
+
+
+@dataclass(kw_only=True)
+class SFTRunConfig:
+    """A complete SFT run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model to train."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (PEFT)."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Loop, logging, checkpoints."})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "SFT options."})
+
+
+def _import(spec: str):
+    from fastrl.rewards import resolve_reward  # the same "module:function" resolution
+
+    if ":" not in spec:
+        raise ValueError(f"sft.formatting_func must be 'module:function', got {spec!r}")
+    return resolve_reward(spec)
+
+
+def tokenize_sft(dataset, tokenizer, data: DataConfig, sft: SFTConfig) -> list[dict]:
+    """Tokenized examples ``{"input_ids", "loss_mask"}``; examples without any loss token are dropped."""
+    if sft.formatting_func is None:
+        from fastrl.data import require_columns
+
+        cols = set(dataset.column_names)
+        if "prompt" in cols or "completion" in cols:
+            require_columns(dataset, ["prompt", "completion"], task="SFT")
+        else:
+            require_columns(dataset, [("messages", "text", "prompt")], task="SFT")
+    fmt = _import(sft.formatting_func) if sft.formatting_func else None
+    out = []
+    for ex in dataset:
+        enc = sft_example(
+            tokenizer,
+            ex,
+            max_length=data.max_length,
+            completion_only_loss=sft.completion_only_loss,
+            assistant_only_loss=sft.assistant_only_loss,
+            formatting_func=fmt,
+        )
+        if any(enc["loss_mask"][1:]):  # the first token is never predicted
+            out.append(enc)
+    return out
+
+
+class SFTStep:
+    """Draws micro-batches from the examples (or packs) in a resumable seeded order."""
+
+    def __init__(self, model, tokenizer, examples: list[dict], cfg: SFTRunConfig, device):
+        self.model, self.device, self.cfg = model, device, cfg
+        self.pad_id = tokenizer.pad_token_id
+        self.examples = examples
+        self.packs = None
+        if cfg.sft.packing:
+            from fastrl.native import pack_sequences
+
+            self.packs = pack_sequences([len(e["input_ids"]) for e in examples], cfg.data.max_length)
+        n = len(self.packs) if self.packs is not None else len(examples)
+        self.sampler = EpochSampler(n, cfg.train.per_device_batch_size, seed=cfg.train.seed)
+
+    def batch(self, indices: list[int]) -> dict:
+        data = self.cfg.data
+        if self.packs is not None:
+            packs = [
+                [(self.examples[j]["input_ids"], self.examples[j]["loss_mask"]) for j in self.packs[i]]
+                for i in indices
+            ]
+            return collate_packed(packs, self.pad_id, multiple_of=data.pad_to_multiple_of)
+        exs = [self.examples[i] for i in indices]
+        return collate_lm(
+            [e["input_ids"] for e in exs],
+            [e["loss_mask"] for e in exs],
+            self.pad_id,
+            side=data.padding_side,
+            multiple_of=data.pad_to_multiple_of,
+        )
+
+    def micro_step(self, index: int):
+        batch = to_device(self.batch(self.sampler.next_batch()), self.device)
+        logp, mask = token_logps(self.model, batch, chunk_size=self.cfg.sft.chunk_size)
+        n = mask.sum()
+        loss = -logp.sum() / n.clamp(min=1)
+        return loss, {"num_loss_tokens": float(n)}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def run_sft(cfg: SFTRunConfig, *, model=None, tokenizer=None, dataset=None) -> dict:
+    """Train with SFT; returns the final metrics record (plus ``history``). ``model``, ``tokenizer`` and
+    ``dataset`` (a ``datasets.Dataset`` or a list of dicts) may be given in memory instead of by name."""
+    from fastrl.trainers.common import seed_everything
+
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    model, tokenizer, _ = setup_policy(
+        cfg.model, cfg.lora, device, need_reference=False, model=model, tokenizer=tokenizer
+    )
+    dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
+    examples = tokenize_sft(dataset, tokenizer, cfg.data, cfg.sft)
+    step = SFTStep(model, tokenizer, examples, cfg, device)
+    return train(
+        step,
+        model=model,
+        tokenizer=tokenizer,
+        train_cfg=cfg.train,
+        optim_cfg=cfg.optim,
+        adapter_only=cfg.lora.enabled,
+        desc="sft",
+    )

@@ -1,0 +1,14 @@
+"""Engine tests run tiny models: one intra-op thread (see tests/models/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

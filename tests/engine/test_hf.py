@@ -1,0 +1,291 @@
+"""HFEngine against Hugging Face generate and a teacher-forced recomputation."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+from fastrl.engine import EngineConfig, SamplingParams, build_engine
+from fastrl.engine.hf import HFEngine
+from fastrl.models.lora import adapter_disabled
+from fastrl.models.tiny import build_char_tokenizer, build_tiny_model
+from tests.helpers import assert_close_to_truth
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer, seed):
+    return build_tiny_model(tokenizer, seed=seed, init_std=0.1)
+
+
+def _prompts(tokenizer, lengths):
+    # Characters only (ids >= 5): no special token inside a prompt.
+    return [torch.randint(5, len(tokenizer), (n,)).tolist() for n in lengths]
+
+
+def _hf_greedy(model, tokenizer, prompts, max_new_tokens):
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    model.eval()
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    model.train()
+    rows = []
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id) + 1]  # generate pads after EOS
+        rows.append(row)
+    return rows
+
+
+def _teacher_forced_logp(model, prompts, completions, temperature):
+    """log_softmax(logits / T) of each completion token, one unpadded sequence at a time."""
+    scale = temperature if temperature > 0 else 1.0
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+            out.append(
+                torch.log_softmax(logits.double() / scale, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+            )
+    return torch.cat(out)
+
+
+def _eos_when_greedy_says(model, tokenizer, completion, start):
+    """Copy the lm_head row of a token greedy produced (at ``start`` or after, with an id above EOS's) onto
+    EOS: wherever greedy picked that token, the tie now goes to EOS (argmax returns the lowest id), so
+    greedy stops there. Returns the position in ``completion`` where greedy now stops."""
+    eos = tokenizer.eos_token_id
+    pos = next(i for i in range(start, len(completion)) if completion[i] > eos)
+    with torch.no_grad():
+        model.lm_head.weight[eos] = model.lm_head.weight[completion[pos]]
+    return completion.index(completion[pos])
+
+
+def test_greedy_equals_hf_generate(model, tokenizer):
+    prompts = _prompts(tokenizer, [5, 1, 12, 7])
+    engine = build_engine(EngineConfig(), model, tokenizer)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    first = engine.generate(prompts, params)
+    assert first.completion_ids == _hf_greedy(model, tokenizer, prompts, 12)
+    # Now make greedy stop at EOS in some rows.
+    stop_at = _eos_when_greedy_says(model, tokenizer, first.completion_ids[2], 4)
+    out = engine.generate(prompts, params)
+    assert out.completion_ids == _hf_greedy(model, tokenizer, prompts, 12)
+    stopped = [tokenizer.eos_token_id in c for c in out.completion_ids]
+    assert stopped[2] and out.completion_ids[2] == first.completion_ids[2][:stop_at] + [
+        tokenizer.eos_token_id
+    ]
+    for ids, logp, trunc, stop in zip(out.completion_ids, out.logprobs, out.truncated, stopped):
+        assert trunc == (not stop)
+        assert len(logp) == len(ids)
+        if stop:
+            assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+        else:
+            assert len(ids) == 12
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 0.9)]
+)
+def test_logprobs_equal_teacher_forcing(model, tokenizer, seed, temperature, top_k, top_p):
+    prompts = _prompts(tokenizer, [3, 9, 6])
+    engine = build_engine(EngineConfig(max_batch_size=2), model, tokenizer)
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    out = engine.generate(prompts, params)
+    got = torch.tensor([x for row in out.logprobs for x in row])
+    reference = _teacher_forced_logp(model, prompts, out.completion_ids, temperature)
+    truth = _teacher_forced_logp(model.double(), prompts, out.completion_ids, temperature)
+    assert_close_to_truth("engine logp", got, reference.float(), truth, dtype=torch.float32)
+
+
+def test_top_k_one_is_greedy(model, tokenizer, seed):
+    prompts = _prompts(tokenizer, [4, 8])
+    engine = HFEngine(model, tokenizer)
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    top1 = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.7, top_k=1, seed=seed))
+    assert top1.completion_ids == greedy.completion_ids
+    tiny_p = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6))
+    assert tiny_p.completion_ids == greedy.completion_ids
+
+
+def test_seeded_sampling_reproduces(model, tokenizer, seed):
+    prompts = _prompts(tokenizer, [4, 8, 2])
+    engine = HFEngine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed)
+    a, b = engine.generate(prompts, params), engine.generate(prompts, params)
+    assert a == b
+    c = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed + 1))
+    assert c.completion_ids != a.completion_ids
+    # seed=None draws from torch's global RNG, so torch.manual_seed reproduces it.
+    unseeded = SamplingParams(max_new_tokens=12)
+    torch.manual_seed(seed)
+    d = engine.generate(prompts, unseeded)
+    torch.manual_seed(seed)
+    assert engine.generate(prompts, unseeded) == d
+
+
+def test_stop_token_ids(model, tokenizer):
+    prompts = _prompts(tokenizer, [6, 3])
+    engine = HFEngine(model, tokenizer)
+    full = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
+    stop = full.completion_ids[0][3]
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[stop]))
+    for ids, logp, trunc, ref_ids, ref_logp in zip(
+        out.completion_ids, out.logprobs, out.truncated, full.completion_ids, full.logprobs
+    ):
+        cut = ref_ids.index(stop) + 1 if stop in ref_ids else len(ref_ids)
+        assert ids == ref_ids[:cut] and logp == pytest.approx(ref_logp[:cut], abs=1e-6)
+        assert trunc == (stop not in ref_ids)
+    assert out.completion_ids[0][-1] == stop and len(out.completion_ids[0]) <= 4
+
+
+@pytest.mark.parametrize("max_batch_size", [64, 2])
+def test_left_padding_equals_one_by_one(tokenizer, seed, max_batch_size):
+    # float64: the token comparison must not hinge on fp32 rounding of near-ties.
+    model = build_tiny_model(tokenizer, seed=seed, init_std=0.1).double()
+    prompts = _prompts(tokenizer, [7, 1, 13, 4, 9])
+    engine = HFEngine(model, tokenizer, EngineConfig(max_batch_size=max_batch_size))
+    params = SamplingParams(max_new_tokens=9, temperature=0)
+    _eos_when_greedy_says(model, tokenizer, engine.generate(prompts[:1], params).completion_ids[0], 3)
+    batched = engine.generate(prompts, params)
+    singles = [engine.generate([p], params) for p in prompts]
+    assert batched.completion_ids == [s.completion_ids[0] for s in singles]
+    assert batched.truncated == [s.truncated[0] for s in singles]
+    assert not all(batched.truncated)
+    for row, s in zip(batched.logprobs, singles):
+        assert row == pytest.approx(s.logprobs[0], abs=1e-9)
+
+
+def test_static_cache_equals_dynamic(tokenizer, seed):
+    model = build_tiny_model(tokenizer, seed=seed, init_std=0.1).double()
+    dynamic = HFEngine(model, tokenizer)
+    static = HFEngine(model, tokenizer, EngineConfig(use_static_cache=True, cache_length_multiple=16))
+    # Three prompts run as a batch of four (one dummy row); sampling draws depend on the batch size, so
+    # the sampled case uses four prompts.
+    for prompts, params in (
+        (_prompts(tokenizer, [5, 11, 2]), SamplingParams(max_new_tokens=10, temperature=0)),
+        (_prompts(tokenizer, [5, 11, 2, 3]), SamplingParams(max_new_tokens=7, temperature=1.0, seed=seed)),
+    ):
+        a, b = dynamic.generate(prompts, params), static.generate(prompts, params)
+        assert a.completion_ids == b.completion_ids and a.truncated == b.truncated
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x == pytest.approx(y, abs=1e-9)
+    assert list(static._static_caches) == [(4, 32)]  # both calls fit one cache shape, reused
+
+
+def test_weights_are_shared(model, tokenizer):
+    prompts = _prompts(tokenizer, [4, 6])
+    engine = HFEngine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    before = engine.generate(prompts, params)
+    with torch.no_grad():  # an in-place "optimizer step": every logit 0, so greedy picks id 0
+        model.lm_head.weight.zero_()
+    assert engine.sync_weights(model) is None
+    after = engine.generate(prompts, params)
+    assert after.completion_ids != before.completion_ids
+    assert after.completion_ids == [[0] * 6] * 2
+    uniform = -torch.tensor(float(len(tokenizer))).log().item()
+    assert all(lp == pytest.approx([uniform] * 6, abs=1e-6) for lp in after.logprobs)
+
+
+def test_eval_mode_no_grad_and_restore(model, tokenizer):
+    seen = []
+    model.model.layers[0].register_forward_hook(
+        lambda mod, args, out: seen.append((mod.training, torch.is_grad_enabled()))
+    )
+    engine = HFEngine(model, tokenizer)
+    model.train()
+    engine.generate(_prompts(tokenizer, [3]), SamplingParams(max_new_tokens=3))
+    assert seen and all(s == (False, False) for s in seen)
+    assert model.training
+    model.eval()
+    engine.generate(_prompts(tokenizer, [3]), SamplingParams(max_new_tokens=3))
+    assert not model.training
+
+
+def test_lora_model(model, tokenizer, seed):
+    prompts = _prompts(tokenizer, [4, 7])
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    base_out = HFEngine(model, tokenizer).generate(prompts, params)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    engine = build_engine(EngineConfig(), lora, tokenizer)
+    out = engine.generate(prompts, params)
+    assert out.completion_ids == _hf_greedy(lora, tokenizer, prompts, 8)
+    assert out.completion_ids != base_out.completion_ids
+    with adapter_disabled(lora):
+        assert engine.generate(prompts, params).completion_ids == base_out.completion_ids
+
+
+def test_bad_inputs(model, tokenizer):
+    engine = HFEngine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=2)
+    for bad, match in [
+        ([[]], r"prompt_ids\[0\]"),
+        ([[5], [len(tokenizer)]], r"prompt_ids\[1\]"),
+        ([[5, -1]], r"prompt_ids\[0\]"),
+        ("abc", "prompt_ids"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            engine.generate(bad, params)
+    with pytest.raises(ValueError, match="params"):
+        engine.generate([[5]], {"max_new_tokens": 2})
+    assert engine.generate([], params).completion_ids == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop_token_ids": [1.5]}, "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_engine_config(model, tokenizer):
+    with pytest.raises(ValueError, match="kind"):
+        EngineConfig(kind="sglang")
+    with pytest.raises(ValueError, match="use_static_cache"):
+        EngineConfig(compile=True)
+    with pytest.raises(ValueError, match="base_url"):
+        EngineConfig(kind="vllm_server")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        EngineConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="vllm"):
+        build_engine(EngineConfig(kind="vllm"), model, tokenizer)
+    with pytest.raises(ValueError, match="EngineConfig"):
+        build_engine({"kind": "hf"}, model, tokenizer)
+    assert isinstance(build_engine(EngineConfig(), model, tokenizer), HFEngine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_static_decode_on_gpu(tokenizer, seed, dtype):
+    model = (
+        build_tiny_model(tokenizer, seed=seed, init_std=0.1, hidden_size=128, num_heads=2).cuda().to(dtype)
+    )
+    prompts = _prompts(tokenizer, [5, 17, 9])
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    dynamic = HFEngine(model, tokenizer)
+    compiled = HFEngine(model, tokenizer, EngineConfig(use_static_cache=True, compile=True))
+    want = dynamic.generate(prompts, params)
+    for _ in range(2):  # the second call replays the captured graphs
+        got = compiled.generate(prompts, params)
+        n_same = sum(a == b for a, b in zip(got.completion_ids, want.completion_ids))
+        assert n_same == len(prompts) if dtype == torch.float32 else n_same >= 1
+    with torch.no_grad():  # the graphs read the live parameters: an in-place update is seen
+        model.lm_head.weight.zero_()
+    assert compiled.generate(prompts, params).completion_ids == [[0] * 24] * len(prompts)

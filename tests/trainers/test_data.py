@@ -1,0 +1,185 @@
+"""Data: loading, column errors, loss masks (completion-only, assistant-only, formatting functions),
+padding, packing and the resumable sampler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastrl.data import (
+    DataConfig,
+    EpochSampler,
+    collate_dpo,
+    collate_lm,
+    collate_packed,
+    collate_prompt_completion,
+    load_data,
+    require_columns,
+    sft_example,
+)
+from fastrl.models.tiny import build_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def _write(tmp_path, rows, suffix):
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_load_local_files(tmp_path, suffix):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
+    ds = load_data(DataConfig(dataset=str(_write(tmp_path, rows, suffix)), max_samples=3))
+    assert len(ds) == 3 and ds[2] == rows[2]
+
+
+def test_load_errors(tmp_path):
+    bad = tmp_path / "data.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="data.dataset"):
+        load_data(DataConfig(dataset=str(bad)))
+    with pytest.raises(ValueError, match="data.dataset"):
+        load_data(DataConfig(dataset=""))
+    with pytest.raises(ValueError, match="padding_side"):
+        DataConfig(padding_side="middle")
+
+
+def test_missing_column_is_named(tmp_path):
+    ds = load_data(DataConfig(dataset=str(_write(tmp_path, [{"prompt": "a", "chosen": "b"}], ".jsonl"))))
+    with pytest.raises(ValueError, match="'rejected'"):
+        require_columns(ds, ["prompt", "chosen", "rejected"], task="DPO")
+    with pytest.raises(ValueError, match="'messages' or 'text'"):
+        require_columns(ds, [("messages", "text")], task="SFT")
+
+
+def _masked_text(tok, enc):
+    return tok.decode([t for t, m in zip(enc["input_ids"], enc["loss_mask"]) if m])
+
+
+def test_completion_only_loss_masks_exactly_the_prompt(tok):
+    ex = {"prompt": "12+34=", "completion": "46"}
+    enc = sft_example(tok, ex, max_length=64, completion_only_loss=None, assistant_only_loss=False)
+    n_prompt = len(tok("12+34=", add_special_tokens=False)["input_ids"])
+    assert enc["loss_mask"] == [0] * n_prompt + [1] * (len(enc["input_ids"]) - n_prompt)
+    assert enc["input_ids"][-1] == tok.eos_token_id
+    assert _masked_text(tok, enc) == "46" + tok.eos_token
+    off = sft_example(tok, ex, max_length=64, completion_only_loss=False, assistant_only_loss=False)
+    assert off["input_ids"] == enc["input_ids"] and all(off["loss_mask"])
+
+
+def test_completion_only_loss_with_formatting_func(tok):
+    def fmt(ex):
+        return {"prompt": f"Q: {ex['q']}\nA: ", "completion": ex["a"]}
+
+    enc = sft_example(
+        tok, {"q": "2+2", "a": "4"}, max_length=64, completion_only_loss=None, assistant_only_loss=False,
+        formatting_func=fmt,
+    )  # fmt: skip
+    assert tok.decode(enc["input_ids"]) == "Q: 2+2\nA: 4" + tok.eos_token
+    assert _masked_text(tok, enc) == "4" + tok.eos_token
+    text = sft_example(
+        tok, {"q": "x"}, max_length=64, completion_only_loss=None, assistant_only_loss=False,
+        formatting_func=lambda ex: "plain " + ex["q"],
+    )  # fmt: skip
+    assert all(text["loss_mask"])
+    with pytest.raises(ValueError, match="completion_only_loss"):
+        sft_example(tok, {"text": "abc"}, max_length=64, completion_only_loss=True, assistant_only_loss=False)
+
+
+def test_assistant_only_loss(tok):
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    enc = sft_example(
+        tok, {"messages": msgs}, max_length=256, completion_only_loss=None, assistant_only_loss=True
+    )
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(enc["input_ids"]) == full
+    assert _masked_text(tok, enc) == f"yo{tok.eos_token}\nok{tok.eos_token}\n"
+    every = sft_example(
+        tok, {"messages": msgs}, max_length=256, completion_only_loss=None, assistant_only_loss=False
+    )
+    assert every["input_ids"] == enc["input_ids"] and all(every["loss_mask"])
+    cut = sft_example(
+        tok, {"messages": msgs}, max_length=7, completion_only_loss=None, assistant_only_loss=True
+    )
+    assert len(cut["input_ids"]) == 7
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collate_lm_padding(side):
+    ids = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    masks = [[0, 1, 1], [0, 0, 1, 1, 1]]
+    b = collate_lm(ids, masks, 0, side=side, multiple_of=4)
+    assert b["input_ids"].shape == (2, 8)
+    for row, s, m in zip(range(2), ids, masks):
+        real = b["attention_mask"][row].bool()
+        assert b["input_ids"][row][real].tolist() == s
+        assert b["position_ids"][row][real].tolist() == list(range(len(s)))
+        assert b["labels"][row][real].tolist() == [t if f else -100 for t, f in zip(s, m)]
+        assert (b["labels"][row][~real] == -100).all()
+    first_real = b["attention_mask"][0].nonzero()[0].item()
+    assert (first_real == 0) == (side == "right")
+
+
+def test_collate_dpo_chosen_then_rejected():
+    exs = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]},
+        {"prompt_ids": [7], "chosen_ids": [8, 9], "rejected_ids": [10]},
+    ]
+    b = collate_dpo(exs, 0, side="left", multiple_of=None)
+    assert b["input_ids"].shape == (4, 5)
+    assert b["input_ids"][2].tolist() == [1, 2, 4, 5, 6]
+    assert b["labels"][0].tolist() == [-100, -100, -100, -100, 3]
+    assert b["labels"][3].tolist() == [-100, -100, -100, -100, 10]
+
+
+def test_collate_packed_positions_restart():
+    pack = [([1, 2, 3], [0, 1, 1]), ([4, 5], [1, 1])]
+    b = collate_packed([pack, [([6], [1])]], 0, multiple_of=8)
+    assert b["attention_mask"] is None
+    assert b["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert b["labels"][0].tolist() == [-100, 2, 3, 4, 5, -100, -100, -100]
+    assert b["position_ids"][1].tolist() == [0, 0, 1, 2, 3, 4, 5, 6]
+
+
+def test_collate_prompt_completion_layout():
+    b = collate_prompt_completion([[1, 2, 3], [4]], [[5], [6, 7]], 0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 5, 0], [0, 0, 4, 6, 7]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 0, 0, 1, 2]]
+    assert b["completion_mask"].tolist() == [[1, 0], [1, 1]]
+
+
+def test_sampler_epochs_and_resume(seed):
+    s = EpochSampler(7, 3, seed=seed)
+    seen = [s.next_batch() for _ in range(7)]  # 21 indices: three full epochs
+    flat = sum(seen, [])
+    for e in range(3):
+        assert sorted(flat[7 * e : 7 * e + 7]) == list(range(7))
+    twin = EpochSampler(7, 3, seed=seed)
+    for _ in range(4):
+        twin.next_batch()
+    resumed = EpochSampler(7, 3, seed=seed)
+    resumed.load_state_dict(twin.state_dict())
+    assert [resumed.next_batch() for _ in range(3)] == seen[4:]
+    with pytest.raises(ValueError, match="empty"):
+        EpochSampler(0, 2, seed=0)
+    assert torch.tensor(flat).max() < 7
