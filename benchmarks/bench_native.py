@@ -43,7 +43,7 @@ def run(n: int, budget: int, k: int, max_len: int, repeats: int, seed: int) -> l
     for name, fn in cases.items():
         results, times = {}, {}
         for be in backends:
-            times[be], results[be] = _time(lambda be=be: fn(be), repeats)
+            times[be], results[be] = _time(lambda be=be, fn=fn: fn(be), repeats)
         assert all(r == results["python"] for r in results.values()), f"{name}: backends disagree"
         out = results["python"]
         if name.startswith("pack"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from pathlib import Path
@@ -59,7 +60,7 @@ def config_help(cls: type, *, prefix: str = "") -> str:
     ``field(metadata={"help": ...})``."""
     _require_dataclass(cls)
     lines: list[str] = []
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in _init_fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
@@ -146,7 +147,7 @@ def _set_override(cls: type, data: dict, dotted: str, text: str | None) -> None:
         path = ".".join(parts[: depth + 1])
         if name not in fields:
             raise _unknown_key(path, node_cls, ".".join(parts[:depth]))
-        tp = typing.get_type_hints(node_cls)[name]
+        tp = _hints(node_cls)[name]
         sub = _section_type(tp)
         last = depth == len(parts) - 1
         if sub is not None and not last:
@@ -183,7 +184,7 @@ def _build(cls: type[T], data: Any, *, prefix: str, base: Any = None) -> T:
     if not isinstance(data, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {data!r}")
     fields = {f.name: f for f in _init_fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for key in data:
         if key not in fields:
             raise _unknown_key(f"{prefix}{key}", cls, prefix.rstrip("."))
@@ -357,6 +358,19 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Field annotations, resolved; a field annotated loosely (``object``, ``Any``) whose default is a
+    config dataclass is a section of that dataclass (a lazily imported config, e.g. the engine's)."""
+    hints = typing.get_type_hints(cls)
+    for f in _init_fields(cls):
+        if hints.get(f.name) in (object, Any):
+            default = _field_default(f)
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                hints[f.name] = type(default)
+    return hints
+
+
 def _section_type(tp: Any) -> type | None:
     """The dataclass behind ``tp`` (also ``Optional[DC]``), or None for a plain value."""
     core = _strip_optional(tp)
@@ -381,7 +395,7 @@ def _default_repr(f: dataclasses.Field) -> str:
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in _init_fields(cls):
         sub = _section_type(hints[f.name])
         keys.append(prefix + f.name)

@@ -66,7 +66,7 @@ def test_native_matches_python_on_random_inputs(seed):
             lengths, budget, backend="python"
         ), (lengths, budget)
         k = rng.choice([1, 2, 3, 4, 8, rng.randint(1, n + 3)])
-        for equal_size in ([False, True] if n % k == 0 else [False]):
+        for equal_size in [False, True] if n % k == 0 else [False]:
             got = partition_balanced(lengths, k, equal_size, backend="native")
             want = partition_balanced(lengths, k, equal_size, backend="python")
             assert got == want, (lengths, k, equal_size)

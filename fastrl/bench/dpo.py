@@ -67,10 +67,14 @@ def _eager(logp_fn):
     return loss
 
 
-def _fastrl_setup(inputs):
+def _fastrl_setup(impl: str):
+    return lambda inputs: _fastrl_step(inputs, impl)
+
+
+def _fastrl_step(inputs, impl: str):
     from fastrl.losses.fused_dpo import FusedLinearDPOLoss
 
-    module = FusedLinearDPOLoss(beta=peers.DPO_BETA, loss_type="sigmoid")
+    module = FusedLinearDPOLoss(beta=peers.DPO_BETA, loss_type="sigmoid", impl=impl)
 
     def step():
         loss, _ = module(
@@ -116,7 +120,7 @@ def methods(ctx: BenchContext) -> list[Method]:
         backward_method("TRL-style selective log-softmax", _eager(peers.rowloop_logp)),
         compiled_method(ctx, "torch.compile of the eager path", _eager(peers.eager_fp32_logp)),
         Method(name="Liger LigerFusedLinearDPOLoss", setup=_liger_setup, kind="peer"),
-        Method(name="fastrl FusedLinearDPOLoss", setup=_fastrl_setup, kind="fastrl"),
+        Method(name="fastrl FusedLinearDPOLoss", setup=_fastrl_setup(ctx.fastrl_impl), kind="fastrl"),
     ]
 
 

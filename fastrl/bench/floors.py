@@ -59,11 +59,11 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
     n = 8192 if gpu else 512
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    mm_ms = _best_ms(lambda: torch.mm(a, b), device, runs=10 if gpu else 3)
+    mm_ms = _best_ms(lambda: torch.mm(a, b), device, runs=10)
     numel = (1 << 28) if gpu else (1 << 23)  # 512 MiB / 32 MiB of bf16/fp32-ish data
     src = torch.empty(numel, device=device, dtype=torch.float16 if gpu else torch.float32)
     dst = torch.empty_like(src)
-    copy_ms = _best_ms(lambda: dst.copy_(src), device, runs=10 if gpu else 3)
+    copy_ms = _best_ms(lambda: dst.copy_(src), device, runs=10)
     nbytes = 2 * src.numel() * src.element_size()
     return Ceilings(
         tflops=2 * n**3 / (mm_ms * 1e-3) / 1e12,

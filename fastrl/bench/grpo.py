@@ -55,7 +55,11 @@ def _loss_on(logp, inp):
     return peers.grpo_loss(logp.float(), inp["old_logp"], inp["ref_logp"], inp["advantages"], inp["mask"])
 
 
-def _fastrl_setup(inputs):
+def _fastrl_setup(impl: str):
+    return lambda inputs: _fastrl_step(inputs, impl)
+
+
+def _fastrl_step(inputs, impl: str):
     try:
         from fastrl.losses.fused_grpo import FusedLinearGRPOLoss
         from fastrl.losses.grpo import GRPOLossConfig
@@ -65,7 +69,7 @@ def _fastrl_setup(inputs):
     wanted = {"beta": peers.GRPO_BETA, "epsilon_low": peers.GRPO_EPS, "epsilon_high": peers.GRPO_EPS}
     if "epsilon_low" not in names:
         wanted["epsilon"] = peers.GRPO_EPS
-    module = FusedLinearGRPOLoss(**{k: v for k, v in wanted.items() if k in names})
+    module = FusedLinearGRPOLoss(impl=impl, **{k: v for k, v in wanted.items() if k in names})
 
     def step():
         loss, _ = module(
@@ -130,7 +134,7 @@ def methods(ctx: BenchContext) -> list[Method]:
         backward_method(
             "Cut Cross-Entropy, exact", lambda inp: _loss_on(cce_logp(inp, exact=True), inp), kind="peer"
         ),
-        Method(name="fastrl FusedLinearGRPOLoss", setup=_fastrl_setup, kind="fastrl"),
+        Method(name="fastrl FusedLinearGRPOLoss", setup=_fastrl_setup(ctx.fastrl_impl), kind="fastrl"),
     ]
 
 

@@ -13,7 +13,7 @@ import torch
 from fastrl.bench import peers
 from fastrl.bench.common import backward_method, compiled_method, cublas_products, lm_head, randn
 from fastrl.bench.floors import Ceilings
-from fastrl.bench.harness import BenchContext, Case, Method
+from fastrl.bench.harness import BenchContext, Case, Method, Skip
 
 BASELINE = "three cuBLAS products (logits, grad_hidden, grad_weight)"
 
@@ -53,12 +53,14 @@ def _weighted(logp, inputs):
     return (logp.float() * inputs["w"]).sum()
 
 
-def _fastrl(recompute: bool):
+def _fastrl(ctx: BenchContext, recompute: bool):
     def loss(inputs):
         from fastrl.ops.linear_logprobs import linear_logprobs
 
+        if recompute and ctx.fastrl_impl == "torch":
+            raise Skip("recompute is a fused Triton kernel: GPU only (the CPU runs Triton only in tests)")
         hidden, labels = inputs["hidden"], inputs["labels"]
-        kwargs = {"recompute": True} if recompute else {}
+        kwargs = {"recompute": True} if recompute else {"impl": ctx.fastrl_impl}
         logp = linear_logprobs(
             hidden.reshape(-1, hidden.shape[-1]), inputs["weight"], labels.reshape(-1), **kwargs
         )
@@ -86,9 +88,9 @@ def methods(ctx: BenchContext) -> list[Method]:
         backward_method(
             "Cut Cross-Entropy, exact", lambda inp: _weighted(cce_logp(inp, exact=True), inp), kind="peer"
         ),
-        backward_method("fastrl linear_logprobs", _fastrl(False), kind="fastrl"),
+        backward_method("fastrl linear_logprobs", _fastrl(ctx, False), kind="fastrl"),
         backward_method(
-            "fastrl linear_logprobs, recompute", _fastrl(True), kind="fastrl", note="no logits buffer"
+            "fastrl linear_logprobs, recompute", _fastrl(ctx, True), kind="fastrl", note="no logits buffer"
         ),
     ]
 

@@ -37,13 +37,20 @@ def _weighted(logp: torch.Tensor, inputs) -> torch.Tensor:
     return (logp.float() * inputs["w"]).sum()
 
 
-def _fastrl(inputs):
-    from fastrl.ops.logprobs import logprobs
+def _fastrl(impl: str):
+    def loss(inputs):
+        from fastrl.ops.logprobs import logprobs
 
-    return _weighted(logprobs(inputs["logits"], inputs["labels"]), inputs)
+        return _weighted(logprobs(inputs["logits"], inputs["labels"], impl=impl), inputs)
+
+    return loss
 
 
-def _fastrl_inplace_setup(inputs):
+def _inplace(impl: str):
+    return lambda inputs: _inplace_step(inputs, impl)
+
+
+def _inplace_step(inputs, impl: str):
     """The gradient is written into the logits buffer: run on a private copy, restored before each run."""
     from fastrl.ops.logprobs import logprobs
 
@@ -51,7 +58,7 @@ def _fastrl_inplace_setup(inputs):
     logits = pristine.clone().requires_grad_(True)
 
     def step():
-        loss = _weighted(logprobs(logits, inputs["labels"], inplace_backward=True), inputs)
+        loss = _weighted(logprobs(logits, inputs["labels"], impl=impl, inplace_backward=True), inputs)
         loss.backward()
         return loss.detach()
 
@@ -87,8 +94,8 @@ def methods(ctx: BenchContext) -> list[Method]:
         backward_method(
             "Liger cross entropy, reduction='none'", _liger, kind="peer", note="one clone included"
         ),
-        backward_method("fastrl logprobs", _fastrl, kind="fastrl"),
-        Method(name="fastrl logprobs, inplace_backward", setup=_fastrl_inplace_setup, kind="fastrl"),
+        backward_method("fastrl logprobs", _fastrl(ctx.fastrl_impl), kind="fastrl"),
+        Method(name="fastrl logprobs, inplace_backward", setup=_inplace(ctx.fastrl_impl), kind="fastrl"),
     ]
 
 

@@ -155,6 +155,10 @@ def plot(path: Path, payload: dict[str, Any]) -> bool:
         ax_t.set_title(f"{rec['suite']}: {rec['case']} - ms", fontsize=9)
         ax_t.invert_yaxis()
         ax_t.tick_params(labelsize=7)
+        if all(r["extra_mib"] is None for r in ok):
+            ax_m.axis("off")
+            ax_m.text(0.5, 0.5, "memory not measured (host-side suite)", ha="center", va="center", fontsize=8)
+            continue
         mem = [r["extra_mib"] if r["extra_mib"] is not None else 0.0 for r in ok]
         ax_m.barh(names, mem, color=colors)
         if rec["grad_mib"]:

@@ -64,6 +64,7 @@ def context_from_args(args: argparse.Namespace) -> BenchContext:
         repeats=args.repeats if args.repeats is not None else (10 if gpu else 3),
         warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
         compile=args.compile if args.compile is not None else gpu,
+        fastrl_impl="auto" if gpu else "torch",
         seed=args.seed,
     )
 

@@ -77,13 +77,16 @@ def active_adapter(model: nn.Module) -> str:
 
 
 def adapter_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
-    """PEFT's adapter state dict (PEFT's own key format, as in ``adapter_model.safetensors``) taken from
-    the gathered ``full`` dict, and the map from those keys back to the model's parameter names."""
-    from peft import get_peft_model_state_dict
+    """The active adapter's tensors from the gathered ``full`` dict, keyed as PEFT keys them in
+    ``adapter_model.safetensors``, and the map from those keys back to the model's parameter names.
 
-    adapter = get_peft_model_state_dict(model, state_dict=full, adapter_name=active_adapter(model))
-    by_id = {id(t): name for name, t in full.items()}
-    # PEFT filters and renames the keys but keeps the tensor objects, which pins each key to its name.
-    to_fqn = {key: by_id[id(t)] for key, t in adapter.items() if id(t) in by_id}
-    assert len(to_fqn) == len(adapter), "peft returned adapter tensors not taken from the state dict"
-    return adapter, to_fqn
+    PEFT names every tensor of an adapter ``<module>.<adapter_name>.<param>`` (``q_proj.lora_A.default
+    .weight``) and saves it without the adapter name (``q_proj.lora_A.weight``). The selection is done
+    here on the names rather than by ``peft.get_peft_model_state_dict``, which inspects the module tree
+    and silently drops the adapters of layers wrapped for activation checkpointing.
+    """
+    marker = f".{active_adapter(model)}."
+    to_fqn = {name.replace(marker, ".", 1): name for name in full if marker in name}
+    if not to_fqn:
+        raise ValueError(f"model has no tensors of its active adapter {active_adapter(model)!r}")
+    return {key: full[name] for key, name in to_fqn.items()}, to_fqn

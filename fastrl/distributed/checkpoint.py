@@ -12,9 +12,11 @@ A checkpoint is a directory (by convention ``<output_dir>/checkpoint-<step>``, s
 
 Atomicity: everything is written into a hidden sibling ``.<name>.tmp``, the ``COMPLETE`` marker last,
 then the directory is renamed into place (``os.replace`` of a directory is atomic on POSIX). An existing
-checkpoint of the same name is first moved aside and deleted only after the new one is in place. So an
-interrupted save leaves the previous checkpoints intact, and :func:`latest_checkpoint` only ever returns
-directories that carry ``COMPLETE``.
+checkpoint of the same name is first moved aside (``.<name>.old``) and deleted only after the new one is
+in place. Files are fsynced before the marker is written. So an interrupted save leaves the previous
+checkpoints intact, and :func:`latest_checkpoint` only ever returns directories that carry ``COMPLETE``.
+(Overwriting a name in place, which the trainers never do, has one window between the two renames
+where the old copy sits under the hidden ``.old`` name.)
 
 Under FSDP2 every rank must call :func:`save_checkpoint` / :func:`load_checkpoint` (the full state dicts
 are gathered to rank 0, on the CPU, and broadcast back on load); rank 0 writes, each rank writes its own
@@ -149,10 +151,27 @@ def save_checkpoint(
             "has_optimizer": optimizer is not None,
             "has_scheduler": scheduler is not None,
         }
+        _fsync_tree(tmp)  # the data must be on disk before the marker can claim it is
         (tmp / COMPLETE).write_text(json.dumps(meta), encoding="utf-8")
+        _fsync_tree(tmp)
         _replace_dir(tmp, path)
     barrier()
     return path
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file in ``directory`` and the directory entry itself to stable storage."""
+    for f in directory.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -21,6 +21,7 @@ FSDP-sharded models, whose parameters are gathered into new buffers per forward.
 from __future__ import annotations
 
 import inspect
+import numbers
 
 import torch
 from torch import nn
@@ -115,7 +116,7 @@ class HFEngine(Engine):
         for i, p in enumerate(prompt_ids):
             if not isinstance(p, (list, tuple)) or not p:
                 raise ValueError(f"prompt_ids[{i}] must be a non-empty list of token ids, got {p!r}")
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in p):
+            if not all(isinstance(t, numbers.Integral) and 0 <= t < vocab for t in p):
                 raise ValueError(f"prompt_ids[{i}] must hold ints in [0, {vocab}), got {list(p)!r}")
 
     def _forward(self, lm, cache, **inputs) -> tuple[torch.Tensor, object]:
@@ -162,7 +163,7 @@ class HFEngine(Engine):
         input_ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(B, L, dtype=torch.long)  # prompt padding 0, every later position 1
         for i, p in enumerate(rows):
-            input_ids[i, P - len(p) :] = torch.tensor(p)
+            input_ids[i, P - len(p) :] = torch.tensor([int(t) for t in p])
             mask[i, P - len(p) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         position_ids = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)

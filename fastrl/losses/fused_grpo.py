@@ -103,7 +103,7 @@ class FusedLinearGRPOLoss(nn.Module):
         cfg = self.config
         if not isinstance(hidden_BTH, torch.Tensor) or hidden_BTH.dim() != 3:
             got = getattr(hidden_BTH, "shape", type(hidden_BTH).__name__)
-            raise ValueError(f"hidden_BTH must have shape [B, T, H], got {got}")
+            raise ValueError(f"hidden_BTH must be a tensor of shape [B, T, H], got {got}")
         B, T, H = hidden_BTH.shape
         if not isinstance(labels_BT, torch.Tensor) or tuple(labels_BT.shape) != (B, T):
             got = tuple(labels_BT.shape) if isinstance(labels_BT, torch.Tensor) else type(labels_BT).__name__
@@ -124,9 +124,8 @@ class FusedLinearGRPOLoss(nn.Module):
 
         logp0 = None
         if needs_full_logp(cfg, old_logp, engine_logp):
-            with torch.no_grad():
-                logp0 = linear_logprobs(hidden_BTH.detach(), weight_VH.detach(), labels_BT, **{
-                    **ll_kwargs, "bias": None if bias is None else bias.detach()})  # fmt: skip
+            with torch.no_grad():  # the first sweep of the module docstring: forward only
+                logp0 = linear_logprobs(hidden_BTH, weight_VH, labels_BT, **ll_kwargs)
         p = prepare_grpo(logp0, old_logp, advantages, mask, cfg, ref_logp=ref_logp, engine_logp=engine_logp)
         grad_fn = _chunk_grad_fn(p, B, T)
         res = fused_linear_logprobs_with_grad(

@@ -190,6 +190,11 @@ class GRPOLossFunction(torch.autograd.Function):
         return (grad * grad_loss).to(ctx.logp_dtype), None, None, None
 
 
+def _masked_extreme(x: torch.Tensor, valid: torch.Tensor, fill: float) -> torch.Tensor:
+    # The fill value doubles as a sentinel element so that amin/amax also work on empty batches.
+    return torch.cat([torch.where(valid, x, fill).reshape(-1), x.new_full((1,), fill)])
+
+
 @torch.no_grad()
 def grpo_metrics(logp: torch.Tensor, p: GRPOInputs) -> dict[str, torch.Tensor]:
     """Detached masked means over the tokens (mask weights): ratio stats, clip fractions, KL, IS stats."""
@@ -213,8 +218,8 @@ def grpo_metrics(logp: torch.Tensor, p: GRPOInputs) -> dict[str, torch.Tensor]:
     any_valid = valid.any()
     out = {
         "ratio/mean": mean(ratio),
-        "ratio/min": torch.where(any_valid, torch.where(valid, ratio, float("inf")).amin(), nan),
-        "ratio/max": torch.where(any_valid, torch.where(valid, ratio, float("-inf")).amax(), nan),
+        "ratio/min": torch.where(any_valid, _masked_extreme(ratio, valid, float("inf")).amin(), nan),
+        "ratio/max": torch.where(any_valid, _masked_extreme(ratio, valid, float("-inf")).amax(), nan),
     }
     adv = p.adv.to(dt)
     if cfg.policy == "clip":
@@ -263,7 +268,8 @@ def grpo_loss(
     Returns ``(loss, metrics)``: a scalar fp32 loss (fp64 for fp64 logp) and detached scalar metrics
     ``ratio/{mean,min,max}``, ``clip_ratio/{low,high,region}`` (clip types) or ``clip_ratio/cispo``,
     ``kl`` (with ref_logp), ``is_weight/mean`` and ``is_weight/{truncated,masked}_frac`` (with
-    engine_logp). A sequence whose mask is all 0 contributes 0 (never NaN).
+    engine_logp); ``ratio/min``/``ratio/max`` are NaN when no token is unmasked. A sequence whose mask
+    is all 0 contributes 0 to the loss (never NaN).
     """
     cfg = make_config(config, options)
     check_float("logp", logp)

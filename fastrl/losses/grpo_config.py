@@ -69,7 +69,7 @@ def _token_mean(n_B: torch.Tensor, cfg: GRPOLossConfig) -> torch.Tensor:
 def _fixed_length(n_B: torch.Tensor, cfg: GRPOLossConfig) -> torch.Tensor:
     if cfg.max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (an int > 0), got None")
-    return torch.full_like(n_B, 1.0 / (n_B.numel() * cfg.max_completion_length))
+    return torch.full_like(n_B, 1.0 / (max(n_B.numel(), 1) * cfg.max_completion_length))
 
 
 @register_loss_type("dapo", policy="clip")

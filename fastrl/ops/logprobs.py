@@ -10,6 +10,8 @@ Layers (``fastrl/triton_kernels/logprobs.py`` holds the kernels):
 - ``logprobs``: input checks, ``impl`` dispatch, the public function.
 """
 
+# No ``from __future__ import annotations`` here: torch.library.custom_op reads the schema from the real
+# annotations of the op functions.
 from typing import Optional
 
 import torch

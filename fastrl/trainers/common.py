@@ -61,7 +61,8 @@ def setup_policy(
     model=None,
     tokenizer=None,
 ):
-    """(policy, tokenizer, Reference). ``model``/``tokenizer`` given in memory skip the loading."""
+    """(policy, tokenizer, Reference). ``model``/``tokenizer`` given in memory skip the loading; a model
+    given already wrapped with LoRA (``apply_lora``) trains its adapters as they are."""
     if model is None:
         from fastrl.models import load_model_and_tokenizer
 
@@ -70,7 +71,12 @@ def setup_policy(
     elif tokenizer is None:
         raise ValueError("tokenizer must be given together with an in-memory model")
     model.to(device)
-    model = apply_lora(model, lora_cfg)
+    from fastrl.models.heads import peft_model
+
+    if peft_model(model) is None:
+        model = apply_lora(model, lora_cfg)
+    elif not lora_cfg.enabled:
+        raise ValueError("the model given already has LoRA adapters; set lora.enabled to train them")
     model.train()
     return model, tokenizer, Reference(model, lora=lora_cfg.enabled, needed=need_reference)
 

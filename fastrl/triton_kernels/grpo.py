@@ -172,6 +172,9 @@ def grpo_loss_fwd_bwd(
     """
     B, T = logp_BT.shape
     acc = torch.float64 if logp_BT.dtype == torch.float64 else torch.float32
+    if B * T == 0:  # an empty grid is not a launch
+        zeros = torch.zeros((B, T), dtype=acc, device=logp_BT.device)
+        return zeros.sum(), zeros if compute_grad else None
     if mask_BT.dtype == torch.bool:
         mask_BT = mask_BT.view(torch.uint8)  # Triton pointers to bool are int1; bytes load the same values
     block_t = _block_t(T, interpret)

@@ -142,11 +142,11 @@ def _fused_backward_kernel(
         g_ent = tl.load(dentropy_ptr + rows, mask=row_mask, other=0.0)
         h_ent = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
         g -= g_ent[:, None] * p * (z - lse[:, None] + h_ent[:, None])
-    g = g * inv_temp
+    # Round the logits gradient to the input dtype, as PyTorch's backward does, before the bias sum and
+    # the products: a bf16 grad_bias summed from unrounded values can round to the other neighbour.
+    g = _round_to(g * inv_temp, h_ptr.dtype.element_ty, INTERPRET)
     if GRAD_B:
         tl.atomic_add(grad_b_ptr + vcols, tl.reduce(g, 0, _add), mask=vcol_mask)
-    # Round the logits gradient to the input dtype, as PyTorch's backward does, before the products.
-    g = _round_to(g, h_ptr.dtype.element_ty, INTERPRET)
     if not INTERPRET:  # on the GPU the products run in the input dtype with fp32 accumulation
         g = g.to(h_ptr.dtype.element_ty)
     hcols = tl.arange(0, BLOCK_H)

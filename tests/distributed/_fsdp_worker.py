@@ -1,7 +1,7 @@
 """Worker for tests/distributed/test_fsdp.py, launched as ``torchrun --nproc_per_node 2 -m <this>``.
 
-On a CPU gloo group of 2 ranks: FSDP2 (+ selective AC) one SGD-with-momentum step on each rank's half of a batch,
-then a full checkpoint save / load into a differently initialised FSDP model, then an adapter-only
+On a CPU gloo group of 2 ranks: FSDP2 (+ selective AC) one SGD-with-momentum step on each rank's half of
+a batch, then a full checkpoint save / load into a differently initialised FSDP model, then an adapter-only
 checkpoint and an HF export of a LoRA model. Rank 0 writes what the test compares to ``<out>/result.pt``.
 """
 
@@ -17,7 +17,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from fastrl.distributed._state_dict import full_model_state_dict
 from fastrl.distributed.activation_checkpoint import apply_ac
 from fastrl.distributed.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastrl.distributed.env import all_reduce_mean, barrier, dist_info, init_distributed, is_main_process
+from fastrl.distributed.env import (
+    all_reduce_dict_mean,
+    all_reduce_mean,
+    barrier,
+    dist_info,
+    init_distributed,
+    is_main_process,
+)
 from fastrl.distributed.fsdp import apply_fsdp, is_fsdp
 from tests.distributed._models import batch, lm_loss, tiny_lora, tiny_model
 
@@ -29,13 +36,13 @@ def make_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
 
 
-def sharded(seed: int, mesh, *, lora: bool = False, ac: bool = True):
+def sharded(seed: int, mesh, *, lora: bool = False, ac: bool = True, param_dtype=None):
     model = tiny_model(seed=seed)
     if lora:
         model = tiny_lora(model)
     if ac:
         apply_ac(model, "selective", every=2)
-    apply_fsdp(model, mesh)
+    apply_fsdp(model, mesh, param_dtype=param_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, make_optimizer(params)
 
@@ -70,7 +77,17 @@ def main() -> None:
     opt.zero_grad(set_to_none=True)
     result["loss"] = all_reduce_mean(loss.detach()).item()
     result["mean_of_floats"] = all_reduce_mean(float(rank))
+    result["dict_mean"] = all_reduce_dict_mean({"rank": rank, "one": 1})
     result["weights"] = full_model_state_dict(model)
+
+    # Mixed precision: bf16 compute, fp32 sharded parameters and gradients.
+    bf16, _ = sharded(seed, mesh, param_dtype=torch.bfloat16)
+    bf16_loss = lm_loss(bf16, local_half(ids, rank, world))
+    bf16_loss.backward()
+    result["bf16_loss"] = all_reduce_mean(bf16_loss.detach().float()).item()
+    result["bf16_grad_dtypes"] = sorted({str(p.grad.dtype) for p in bf16.parameters()})
+    result["bf16_param_dtypes"] = sorted({str(p.dtype) for p in bf16.parameters()})
+    del bf16
 
     # 2. Full checkpoint round trip between differently initialised sharded models.
     ckpt_dir = out / "ckpt" / "checkpoint-1"

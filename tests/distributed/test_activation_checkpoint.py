@@ -15,8 +15,13 @@ from tests.distributed._models import batch, lm_loss, tiny_lora, tiny_model
 
 @pytest.mark.parametrize(
     "mode, every, expected",
-    [("full", 2, [0, 1, 2, 3, 4]), ("selective", 2, [1, 3]), ("selective", 3, [2]),
-     ("selective", 1, [0, 1, 2, 3, 4]), ("none", 2, [])],
+    [
+        ("full", 2, [0, 1, 2, 3, 4]),
+        ("selective", 2, [1, 3]),
+        ("selective", 3, [2]),
+        ("selective", 1, [0, 1, 2, 3, 4]),
+        ("none", 2, []),
+    ],
 )
 def test_wrapped_layers(seed, mode, every, expected):
     model = tiny_model("llama", seed=seed, layers=5)

@@ -127,11 +127,16 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, seed, monkeypatch):
         load_checkpoint(checkpoint_path(tmp_path, 3), model=model2)
 
 
-def test_adapter_only_holds_only_adapter_keys(tmp_path, seed):
+@pytest.mark.parametrize("ac", [False, True])
+def test_adapter_only_holds_only_adapter_keys(tmp_path, seed, ac):
     from peft import PeftModel
     from safetensors.torch import load_file
 
+    from fastrl.distributed.activation_checkpoint import apply_ac
+
     model, opt, sched = make_run(seed, lora=True)
+    if ac:  # wrapped layers must not lose their adapters (peft's own selection does)
+        apply_ac(model, "selective", every=2)
     train_step(model, opt, sched, batch(seed))  # lora_B starts at zero: make it non-trivial
     path = save_checkpoint(tmp_path / "a", model=model, optimizer=opt, state={"step": 1}, adapter_only=True)
     assert not (path / ckpt.MODEL_FILE).exists()
@@ -142,7 +147,9 @@ def test_adapter_only_holds_only_adapter_keys(tmp_path, seed):
 
     # Same base weights, fresh adapter: loading restores the adapter and the optimizer exactly.
     model2, opt2, _ = make_run(seed, lora=True)
-    torch.nn.init.normal_(model2.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight)
+    torch.nn.init.normal_(model2.base_model.model.model.layers[1].self_attn.q_proj.lora_B.default.weight)
+    if ac:
+        apply_ac(model2, "selective", every=2)
     load_checkpoint(path, model=model2, optimizer=opt2)
     for k, v in model.state_dict().items():
         assert torch.equal(v, model2.state_dict()[k]), k
@@ -215,3 +222,20 @@ def test_bad_arguments(tmp_path, seed):
     with pytest.raises(ValueError, match="no optimizer state"):
         load_checkpoint(path, model=model, optimizer=opt)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.gpu
+def test_round_trip_on_cuda_restores_cuda_rng(tmp_path, seed):
+    model = tiny_model(seed=seed).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    lm_loss(model, batch(seed).cuda()).backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / "c", model=model, optimizer=opt, state={"step": 1})
+    want = torch.rand(4, device="cuda")
+    model2 = tiny_model(seed=seed + 1).cuda()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    load_checkpoint(path, model=model2, optimizer=opt2)
+    assert torch.equal(torch.rand(4, device="cuda"), want)
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k
+    assert_same_optimizer(opt, opt2)

@@ -7,7 +7,9 @@ numbers rank 0 wrote against single-process references.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +23,7 @@ from tests.distributed._models import batch, lm_loss, tiny_lora, tiny_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    """Launch the 2-rank worker once; returns (seed, rank 0's result dict, output dir)."""
-    seed = int.from_bytes(os.urandom(3), "little")
-    out = tmp_path_factory.mktemp("fsdp")
+def _launch(out: Path, seed: int) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -33,6 +31,29 @@ def fsdp_run(tmp_path_factory):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     ranks = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
     assert proc.returncode == 0, f"seed={seed}\n{proc.stdout[-2000:]}\n{ranks[-8000:]}"
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """Launch the 2-rank worker once per test session; returns (seed, rank 0's results, output dir).
+
+    Under pytest-xdist every worker process would run a module fixture again; the first one to take the
+    lock launches, the others read its results (the recipe from the pytest-xdist docs).
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "fsdp-run"
+    with open(shared / "fsdp-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "result.pt").exists():
+            seed = int(os.environ.get("FASTRL_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            (out / "seed").write_text(str(seed))
+            _launch(out, seed)
+    seed = int((out / "seed").read_text())
+    print(f"fsdp seed={seed}")
     return seed, torch.load(out / "result.pt", weights_only=False), out
 
 
@@ -63,6 +84,23 @@ def test_env_under_torchrun(fsdp_run):
     _, result, _ = fsdp_run
     assert result["ranks"] == [(0, 0, True), (1, 1, False)]
     assert result["mean_of_floats"] == 0.5
+    assert result["dict_mean"] == {"one": 1.0, "rank": 0.5}
+
+
+def test_bf16_compute_keeps_fp32_master_weights(fsdp_run):
+    seed, result, _ = fsdp_run
+    assert result["bf16_param_dtypes"] == result["bf16_grad_dtypes"] == ["torch.float32"]
+    _, loss = reference_step(seed)
+    assert result["bf16_loss"] == pytest.approx(loss, rel=2e-2)  # bf16 forward: ~3 significant digits
+
+
+def test_apply_fsdp_bad_arguments():
+    from fastrl.distributed.fsdp import apply_fsdp
+
+    with pytest.raises(ValueError, match="param_dtype"):
+        apply_fsdp(tiny_model(), param_dtype=torch.int8)
+    with pytest.raises(ValueError, match="reduce_dtype"):
+        apply_fsdp(tiny_model(), reduce_dtype="fp32")
 
 
 def test_one_step_matches_single_process(fsdp_run):

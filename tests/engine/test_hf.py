@@ -54,15 +54,18 @@ def _teacher_forced_logp(model, prompts, completions, temperature):
     return torch.cat(out)
 
 
-def _eos_when_greedy_says(model, tokenizer, completion, start):
-    """Copy the lm_head row of a token greedy produced (at ``start`` or after, with an id above EOS's) onto
-    EOS: wherever greedy picked that token, the tie now goes to EOS (argmax returns the lowest id), so
-    greedy stops there. Returns the position in ``completion`` where greedy now stops."""
+def _eos_when_greedy_says(model, tokenizer, completions, start):
+    """Copy the lm_head row of a token greedy produced onto EOS: wherever greedy picked that token, the
+    tie now goes to EOS (argmax returns the lowest id), so greedy stops there. The token is taken from
+    the longest completion, at ``start`` or later, with an id above EOS's. Returns (row, position) of the
+    first place greedy now stops in that row."""
     eos = tokenizer.eos_token_id
-    pos = next(i for i in range(start, len(completion)) if completion[i] > eos)
+    row = max(range(len(completions)), key=lambda i: len(completions[i]))
+    ids = completions[row]
+    pos = next(i for i in range(min(start, len(ids) - 1), len(ids)) if ids[i] > eos)
     with torch.no_grad():
-        model.lm_head.weight[eos] = model.lm_head.weight[completion[pos]]
-    return completion.index(completion[pos])
+        model.lm_head.weight[eos] = model.lm_head.weight[ids[pos]]
+    return row, ids.index(ids[pos])
 
 
 def test_greedy_equals_hf_generate(model, tokenizer):
@@ -72,13 +75,12 @@ def test_greedy_equals_hf_generate(model, tokenizer):
     first = engine.generate(prompts, params)
     assert first.completion_ids == _hf_greedy(model, tokenizer, prompts, 12)
     # Now make greedy stop at EOS in some rows.
-    stop_at = _eos_when_greedy_says(model, tokenizer, first.completion_ids[2], 4)
+    row, stop_at = _eos_when_greedy_says(model, tokenizer, first.completion_ids, 4)
     out = engine.generate(prompts, params)
     assert out.completion_ids == _hf_greedy(model, tokenizer, prompts, 12)
     stopped = [tokenizer.eos_token_id in c for c in out.completion_ids]
-    assert stopped[2] and out.completion_ids[2] == first.completion_ids[2][:stop_at] + [
-        tokenizer.eos_token_id
-    ]
+    assert stopped[row]
+    assert out.completion_ids[row] == first.completion_ids[row][:stop_at] + [tokenizer.eos_token_id]
     for ids, logp, trunc, stop in zip(out.completion_ids, out.logprobs, out.truncated, stopped):
         assert trunc == (not stop)
         assert len(logp) == len(ids)
@@ -134,12 +136,12 @@ def test_stop_token_ids(model, tokenizer):
     full = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
     stop = full.completion_ids[0][3]
     out = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[stop]))
-    for ids, logp, trunc, ref_ids, ref_logp in zip(
-        out.completion_ids, out.logprobs, out.truncated, full.completion_ids, full.logprobs
+    for ids, logp, trunc, ref_ids, ref_logp, ref_trunc in zip(
+        out.completion_ids, out.logprobs, out.truncated, full.completion_ids, full.logprobs, full.truncated
     ):
         cut = ref_ids.index(stop) + 1 if stop in ref_ids else len(ref_ids)
         assert ids == ref_ids[:cut] and logp == pytest.approx(ref_logp[:cut], abs=1e-6)
-        assert trunc == (stop not in ref_ids)
+        assert trunc == (ref_trunc and stop not in ref_ids)
     assert out.completion_ids[0][-1] == stop and len(out.completion_ids[0]) <= 4
 
 
@@ -150,7 +152,7 @@ def test_left_padding_equals_one_by_one(tokenizer, seed, max_batch_size):
     prompts = _prompts(tokenizer, [7, 1, 13, 4, 9])
     engine = HFEngine(model, tokenizer, EngineConfig(max_batch_size=max_batch_size))
     params = SamplingParams(max_new_tokens=9, temperature=0)
-    _eos_when_greedy_says(model, tokenizer, engine.generate(prompts[:1], params).completion_ids[0], 3)
+    _eos_when_greedy_says(model, tokenizer, engine.generate(prompts, params).completion_ids, 3)
     batched = engine.generate(prompts, params)
     singles = [engine.generate([p], params) for p in prompts]
     assert batched.completion_ids == [s.completion_ids[0] for s in singles]
@@ -289,3 +291,11 @@ def test_compiled_static_decode_on_gpu(tokenizer, seed, dtype):
     with torch.no_grad():  # the graphs read the live parameters: an in-place update is seen
         model.lm_head.weight.zero_()
     assert compiled.generate(prompts, params).completion_ids == [[0] * 24] * len(prompts)
+
+
+def test_every_option_has_help():
+    from dataclasses import fields
+
+    for cls in (EngineConfig, SamplingParams):
+        for f in fields(cls):
+            assert f.kw_only and f.metadata.get("help"), f"{cls.__name__}.{f.name}"

@@ -23,16 +23,20 @@ def make_inputs(B, T, *, dtype=torch.float32, adv_per_token=False, spread=0.5):
     ragged masks with one all-masked row."""
     logp = -3.0 * torch.rand(B, T)
     row_shift = 0.3 * torch.randn(B, 1)  # moves whole sequences outside the clip range (GSPO)
-    old = logp + spread * torch.randn(B, T) + row_shift
-    ref = logp + 0.3 * torch.randn(B, T)
-    engine = old + 0.3 * torch.randn(B, T) + 0.2 * torch.randn(B, 1)
     adv = torch.randn(B, T) if adv_per_token else torch.randn(B)
-    lengths = torch.randint(1, T + 1, (B,))
+    lengths = torch.randint(0, T + 1, (B,))
     if B >= 5:  # two long sequences of each advantage sign, so that every clip branch is hit
         adv[[0, 3]], adv[[2, 4]] = adv[[0, 3]].abs() + 0.1, -adv[[2, 4]].abs() - 0.1
         lengths[[0, 2, 3, 4]] = torch.tensor([T, T, T // 2, T // 2])
-        old[[0, 2]] -= row_shift[[0, 2]]  # ratios centred on 1 there, spread over both clip sides
-    lengths[1] = 0  # a sequence with no completion token
+        row_shift[[0, 2]] = 0.0  # token ratios centred on 1 there, spread over both clip sides
+    if B >= 7:  # sequence ratios r_b ~ exp(-shift) past the high clip, the low clip and delta
+        adv[6] = -adv[6].abs() - 0.1
+        lengths[6] = T
+        row_shift[[3, 4, 6], 0] = torch.tensor([-0.7, 0.7, -0.7])
+    old = logp + spread * torch.randn(B, T) + row_shift
+    ref = logp + 0.3 * torch.randn(B, T)
+    engine = old + 0.3 * torch.randn(B, T) + 0.2 * torch.randn(B, 1)
+    lengths[1:2] = 0  # a sequence with no completion token
     mask = torch.arange(T)[None, :] < lengths[:, None]
     mask &= torch.rand(B, T) > 0.1  # holes, as tool-output masks make
     cast = lambda t: t.to(dtype)
@@ -141,11 +145,18 @@ def test_loss_types_match_truth(seed, loss_type, level, beta):
 
 
 def test_inputs_cover_every_branch(seed):
-    """The random inputs above hit both clip sides for both advantage signs and the delta cap."""
+    """The random inputs above hit both clip sides for both advantage signs and the delta cap, per token
+    and per sequence."""
     logp, old, adv, mask, *_ = make_inputs(7, 37)
     r = torch.exp(logp - old)[mask]
     a = adv[:, None].expand_as(mask)[mask]
+    m = mask.float()
+    r_seq = torch.exp(((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1))[m.sum(-1) > 0]
+    a_seq = adv[m.sum(-1) > 0]
     for name, hit in {
+        "sequence high clip (A>0)": (r_seq > 1.28) & (a_seq > 0),
+        "sequence low clip (A<0)": (r_seq < 0.8) & (a_seq < 0),
+        "sequence delta cap (A<0)": (r_seq > 1.35) & (a_seq < 0),
         "low clip (A<0)": (r < 0.8) & (a < 0),
         "high clip (A>0)": (r > 1.28) & (a > 0),
         "delta cap (A<0)": (r > 1.35) & (a < 0),
@@ -278,6 +289,20 @@ def test_no_grad_and_detached_logp(seed):
             loss, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, impl=impl)
         assert not loss.requires_grad
         torch.testing.assert_close(loss, with_grad)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPE_NAMES)
+def test_all_masked_and_empty_batches(seed, impl, loss_type):
+    """No completion token at all: loss 0 and gradient 0, never NaN; ratio min/max are NaN (no token)."""
+    for B, T in [(3, 6), (0, 6), (3, 0)]:
+        logp, old, adv, _, ref, engine = make_inputs(B, T)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        opts = {**base_opts(loss_type, max(T, 1)), "beta": 0.1, "importance_sampling_level": "sequence"}
+        loss, grad, metrics = run(logp, old, adv, mask, ref, engine, opts, impl)
+        assert loss.item() == 0.0 and bool((grad == 0).all())
+        assert torch.isnan(metrics.pop("ratio/min")) and torch.isnan(metrics.pop("ratio/max"))
+        assert all(bool(v == 0) for v in metrics.values()), metrics
 
 
 def test_config_object_and_overrides():

@@ -76,3 +76,13 @@ def test_bad_load(tiny_dir):
         load_model_and_tokenizer(
             ModelConfig(name_or_path=str(tiny_dir), attn_implementation="flash_attention_2"), device="cpu"
         )
+
+
+def test_every_option_has_help():
+    from dataclasses import fields
+
+    from fastrl.models.lora import LoraConfig
+
+    for cls in (ModelConfig, LoraConfig):
+        for f in fields(cls):
+            assert f.kw_only and f.metadata.get("help"), f"{cls.__name__}.{f.name}"

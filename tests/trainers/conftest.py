@@ -39,3 +39,15 @@ def assert_same_history(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> 
     for ra, rb in zip(a, b):
         for k in keys:
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k, ra[k], rb[k])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models' matrices are too small to gain from threads; one thread also keeps the shared CI
+    machine's cores from oversubscription."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

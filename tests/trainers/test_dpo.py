@@ -8,7 +8,7 @@ import torch
 
 from fastrl.data import DataConfig, collate_dpo, dpo_example
 from fastrl.losses.dpo_losses import DPO_LOSSES
-from fastrl.models import LoraConfig, ModelConfig, load_model_and_tokenizer
+from fastrl.models import LoraConfig, ModelConfig, apply_lora, load_model_and_tokenizer
 from fastrl.trainers.common import Reference, as_dataset
 from fastrl.trainers.core import OptimConfig, TrainConfig
 from fastrl.trainers.dpo import DPOConfig, DPORunConfig, DPOStep, run_dpo, sequence_logps, tokenize_dpo
@@ -93,7 +93,9 @@ def test_every_loss_type_trains(tiny_dir, seed, loss_type):
     smoothing = 1e-3 if loss_type == "exo_pair" else 0.0
     cfg = _cfg(tiny_dir, "unused", dpo=DPOConfig(loss_type=loss_type, label_smoothing=smoothing))
     ref = Reference(model, lora=False, needed=True)
-    step = DPOStep(model, ref, tok, tokenize_dpo(as_dataset(pair_rows(8)), tok, cfg.data), cfg, torch.device("cpu"))
+    step = DPOStep(
+        model, ref, tok, tokenize_dpo(as_dataset(pair_rows(8)), tok, cfg.data), cfg, torch.device("cpu")
+    )
     loss, metrics = step.micro_step(0)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -105,6 +107,7 @@ def test_lora_reference_is_the_disabled_adapter(tiny_dir, tmp_path, seed):
     base, _ = load_model_and_tokenizer(ModelConfig(name_or_path=tiny_dir))
     cfg = _cfg(tiny_dir, tmp_path, max_steps=4, seed=seed)
     cfg.lora = LoraConfig(enabled=True, r=4, alpha=8)
+    model = apply_lora(model, cfg.lora)
     run_dpo(cfg, model=model, tokenizer=tok, dataset=pair_rows())
     exs = [dpo_example(tok, r, max_prompt_length=16, max_length=32) for r in pair_rows(4)]
     batch = collate_dpo(exs, tok.pad_token_id, side="right", multiple_of=None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastrl.data import DataConfig, collate_lm, collate_packed, sft_example
-from fastrl.models import LoraConfig, ModelConfig, load_model_and_tokenizer
+from fastrl.models import LoraConfig, ModelConfig, apply_lora, load_model_and_tokenizer
 from fastrl.trainers.common import token_logps
 from fastrl.trainers.core import OptimConfig, TrainConfig, lr_factor
 from fastrl.trainers.sft import SFTConfig, SFTRunConfig, SFTStep, run_sft
@@ -99,6 +99,7 @@ def test_lora_trains_only_the_adapter(tiny_dir, tmp_path, seed):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = _cfg(tiny_dir, tmp_path, max_steps=3, seed=seed, save_steps=2)
     cfg.lora = LoraConfig(enabled=True, r=4, alpha=8)
+    model = apply_lora(model, cfg.lora)
     run_sft(cfg, model=model, tokenizer=tok, dataset=addition_rows())
     after = model.state_dict()
     changed = {k for k in after if "lora_" in k and not torch.equal(after[k], torch.zeros_like(after[k]))}

@@ -1,0 +1,164 @@
+"""``fastrl``: the command line.
+
+    fastrl sft  --config run.yaml [--section.key value ...]   supervised fine-tuning
+    fastrl dpo  --config run.yaml [--section.key value ...]   direct preference optimisation
+    fastrl grpo --config run.yaml [--section.key value ...]   GRPO
+    fastrl bench [--suite S ...] [--gpu] [--out DIR]         the benchmark suite
+    fastrl demo [...]                                        SFT -> GRPO -> DPO of a tiny local model
+    fastrl vllm-serve                                        (needs the vllm extra)
+
+A training command maps its YAML file and overrides onto the trainer's run-config dataclass
+(``fastrl.config.load_config``); ``fastrl <cmd> --help`` lists every key with its help text. The trainers
+are imported only when their command runs. Under torchrun every rank parses the same arguments; only
+rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from fastrl.config import config_help, load_config, save_config, to_dict
+
+# command -> (module, run-config class, run function); all imported lazily.
+TRAINERS: dict[str, tuple[str, str, str]] = {
+    "sft": ("fastrl.trainers.sft", "SFTRunConfig", "run_sft"),
+    "dpo": ("fastrl.trainers.dpo", "DPORunConfig", "run_dpo"),
+    "grpo": ("fastrl.trainers.grpo", "GRPORunConfig", "run_grpo"),
+}
+OTHER = {
+    "bench": "run the benchmark suite (fastrl bench --help)",
+    "demo": "SFT, then GRPO, then DPO of a tiny locally built model (CPU, no downloads)",
+    "vllm-serve": "serve the policy with vLLM for the vllm_server engine (needs the vllm extra)",
+}
+
+
+def usage() -> str:
+    lines = ["usage: fastrl <command> [options]", "", "commands:"]
+    for name, (module, cls, _) in TRAINERS.items():
+        lines.append(f"  {name:<11} train with {module}.{cls} (--config run.yaml, --section.key value ...)")
+    lines += [f"  {name:<11} {text}" for name, text in OTHER.items()]
+    lines += ["", "fastrl <command> --help lists the command's options."]
+    return "\n".join(lines)
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(text: str, *, err: bool = False) -> None:
+    if _rank0() or err:
+        print(text, file=sys.stderr if err else sys.stdout)
+
+
+def trainer_help(command: str, cfg_cls: type) -> str:
+    return "\n".join(
+        [
+            f"usage: fastrl {command} [--config run.yaml] [--section.key value ...] [--print-config]",
+            "",
+            "  --config PATH     a YAML file with the sections below (keys left out keep their defaults)",
+            "  --print-config    print the resolved config as YAML and exit",
+            "  --save-config P   also write the resolved config to P",
+            "",
+            "Options (override any YAML value):",
+            config_help(cfg_cls),
+        ]
+    )
+
+
+def _split_trainer_args(command: str, argv: list[str]) -> tuple[str | None, list[str], dict[str, object]]:
+    """(config path, overrides, flags) from a training command's arguments."""
+    config_path, overrides, flags = None, [], {"help": False, "print": False, "save": None}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("-h", "--help"):
+            flags["help"] = True
+        elif tok == "--print-config":
+            flags["print"] = True
+        elif tok in ("--config", "-c", "--save-config") or tok.startswith(("--config=", "--save-config=")):
+            name, _, value = tok.partition("=")
+            if not value:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{name} needs a path")
+                i += 1
+                value = argv[i]
+            if name == "--save-config":
+                flags["save"] = value
+            else:
+                config_path = value
+        else:
+            overrides.append(tok)
+        i += 1
+    return config_path, overrides, flags
+
+
+def run_trainer(command: str, argv: list[str]) -> int:
+    module_name, cls_name, fn_name = TRAINERS[command]
+    module = importlib.import_module(module_name)
+    cfg_cls, run = getattr(module, cls_name), getattr(module, fn_name)
+    try:
+        config_path, overrides, flags = _split_trainer_args(command, argv)
+        if flags["help"]:
+            _say(trainer_help(command, cfg_cls))
+            return 0
+        cfg = load_config(cfg_cls, config_path, overrides)
+    except ValueError as err:
+        _say(f"fastrl {command}: {err}", err=True)
+        return 2
+    if flags["save"] and _rank0():
+        save_config(cfg, flags["save"])
+    if flags["print"]:
+        import yaml
+
+        _say(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+        return 0
+    metrics = run(cfg)
+    if metrics is not None:
+        _say(json.dumps({k: _plain(v) for k, v in dict(metrics).items()}, indent=2, default=str))
+    return 0
+
+
+def _plain(value):
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (RuntimeError, ValueError):
+            return str(value)
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastrl`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _say(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in TRAINERS:
+        return run_trainer(command, rest)
+    if command == "bench":
+        from fastrl.bench import main as bench_main
+
+        return bench_main(rest)
+    if command == "demo":
+        from fastrl.demo import main as demo_main
+
+        status = demo_main(rest)
+        return int(status or 0)
+    if command == "vllm-serve":
+        _say(
+            "fastrl vllm-serve: not available yet: needs the vllm extra (pip install 'fastrl[vllm]') and the "
+            "vllm_server engine; use engine.kind=hf or vllm (colocated) meanwhile",
+            err=True,
+        )
+        return 2
+    _say(f"fastrl: unknown command {command!r}\n\n{usage()}", err=True)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

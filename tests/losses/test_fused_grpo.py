@@ -1,0 +1,195 @@
+"""FusedLinearGRPOLoss equals linear_logprobs followed by grpo_loss: loss, metrics and the gradients to
+hidden, weight and bias (truth: the same composition in float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastrl.losses.fused_grpo import FusedLinearGRPOLoss
+from fastrl.losses.grpo import grpo_loss
+from fastrl.ops.linear_logprobs import linear_logprobs
+from tests.helpers import assert_close_to_truth
+
+
+def make_case(B, T, H, V, *, dtype=torch.float32, with_bias=True):
+    hidden = torch.randn(B, T, H) / H**0.25
+    weight = torch.randn(V, H) / H**0.25
+    bias = 0.5 * torch.randn(V) if with_bias else None
+    labels = torch.randint(0, V, (B, T))
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[1] = 0
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    labels[~mask] = -100  # padding carries ignore_index, as a collator would write it
+    with torch.no_grad():
+        logp = linear_logprobs(hidden, weight, labels, bias=bias, impl="torch")
+    old = logp + 0.4 * torch.randn(B, T) + 0.2 * torch.randn(B, 1)
+    ref = logp + 0.3 * torch.randn(B, T)
+    engine = old + 0.2 * torch.randn(B, T)
+    adv = torch.randn(B)
+    cast = lambda t: None if t is None else t.to(dtype)
+    return dict(
+        hidden=cast(hidden), weight=cast(weight), bias=cast(bias), labels=labels, mask=mask, old=old, ref=ref,
+        engine=engine, adv=adv,
+    )  # fmt: skip
+
+
+def leaves(case, dtype):
+    out = {k: case[k].detach().to(dtype).requires_grad_(True) for k in ("hidden", "weight")}
+    if case["bias"] is not None:
+        out["bias"] = case["bias"].detach().to(dtype).requires_grad_(True)
+    return out
+
+
+def composed(case, opts, dtype, *, temperature, old=True, engine=True):
+    """linear_logprobs + grpo_loss with autograd, in ``dtype``."""
+    p = leaves(case, dtype)
+    logp = linear_logprobs(
+        p["hidden"], p["weight"], case["labels"], bias=p.get("bias"), temperature=temperature, impl="torch"
+    )
+    loss, metrics = grpo_loss(
+        logp, case["old"] if old else None, case["adv"], case["mask"], ref_logp=case["ref"],
+        engine_logp=case["engine"] if engine else None, impl="torch", **opts,
+    )  # fmt: skip
+    loss.backward()
+    return loss.detach(), {k: v.grad for k, v in p.items()}, metrics, logp.detach()
+
+
+def fused(case, opts, dtype, *, temperature, impl, chunk_size, old=True, engine=True):
+    p = leaves(case, dtype)
+    module = FusedLinearGRPOLoss(temperature=temperature, chunk_size=chunk_size, impl=impl, **opts)
+    loss, metrics = module(
+        p["hidden"], p["weight"], case["labels"], case["old"] if old else None, case["adv"], case["mask"],
+        bias=p.get("bias"), ref_logp=case["ref"], engine_logp=case["engine"] if engine else None,
+    )  # fmt: skip
+    loss.backward()
+    return loss.detach(), {k: v.grad for k, v in p.items()}, metrics
+
+
+def check(case, opts, dtype, *, impl="torch", temperature=1.0, chunk_size=8, **which):
+    t_loss, t_grads, t_metrics, t_logp = composed(case, opts, torch.float64, temperature=temperature, **which)
+    r_loss, r_grads, _, _ = composed(case, opts, dtype, temperature=temperature, **which)
+    loss, grads, metrics = fused(
+        case, opts, dtype, temperature=temperature, impl=impl, chunk_size=chunk_size, **which
+    )
+    assert set(grads) == set(t_grads)
+    for name in grads:
+        assert grads[name].dtype == dtype
+        assert_close_to_truth(f"grad_{name}", grads[name], r_grads[name], t_grads[name], dtype=dtype)
+    assert_close_to_truth("loss", loss, r_loss, t_loss, dtype=dtype)
+    torch.testing.assert_close(
+        metrics["logp"], t_logp.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0.1
+    )
+    assert not metrics["logp"].requires_grad
+    assert set(metrics) == set(t_metrics) | {"logp"}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_matches_composition(seed, loss_type, level):
+    case = make_case(3, 11, 16, 37)
+    opts = {
+        "loss_type": loss_type,
+        "importance_sampling_level": level,
+        "beta": 0.05,
+        "is_mode": "token_truncate",
+    }
+    opts.update({"epsilon_high": 1.2} if loss_type == "cispo" else {"epsilon_high": 0.28, "delta": 1.5})
+    check(case, opts, torch.float32, temperature=0.7)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("is_mode", ["token_mask", "sequence_truncate"])
+def test_single_iteration_with_engine_weights(seed, level, is_mode):
+    """old_logp=None (ratio 1) with engine IS weights: those need logp first (the no-grad sweep)."""
+    case = make_case(4, 9, 16, 29, with_bias=False)
+    opts = {"loss_type": "bnpo", "importance_sampling_level": level, "is_mode": is_mode, "is_clip_max": 2.0}
+    check(case, opts, torch.float32, old=False)
+    check(
+        case,
+        {"loss_type": "grpo", "importance_sampling_level": level},
+        torch.float32,
+        old=False,
+        engine=False,
+    )
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_triton_impl_bf16(seed, level):
+    case = make_case(2, 13, 32, 45)
+    opts = {"loss_type": "dapo", "importance_sampling_level": level, "beta": 0.02, "is_mode": "sequence_mask"}
+    check(case, opts, torch.bfloat16, impl="triton", chunk_size=16)
+
+
+def test_frozen_weight_upstream_scale_and_no_grad(seed):
+    case = make_case(3, 7, 16, 23)
+    module = FusedLinearGRPOLoss(loss_type="grpo", chunk_size=5)
+    hidden = case["hidden"].clone().requires_grad_(True)
+    weight = case["weight"]  # frozen lm_head (LoRA): no weight gradient at all
+    args = (hidden, weight, case["labels"], case["old"], case["adv"], case["mask"])
+    loss, _ = module(*args, bias=case["bias"])
+    (2.5 * loss).backward()
+    ref_hidden = case["hidden"].clone().requires_grad_(True)
+    logp = linear_logprobs(ref_hidden, weight, case["labels"], bias=case["bias"], impl="torch")
+    ref_loss, _ = grpo_loss(logp, case["old"], case["adv"], case["mask"], loss_type="grpo", impl="torch")
+    (2.5 * ref_loss).backward()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-5, atol=1e-7)
+    assert weight.grad is None
+    with torch.no_grad():
+        nograd_loss, metrics = module(*args, bias=case["bias"])
+    assert not nograd_loss.requires_grad
+    torch.testing.assert_close(nograd_loss, loss.detach())
+    torch.testing.assert_close(metrics["logp"], logp.detach())
+
+
+def test_dapo_micro_batches_sum_to_full_batch(seed):
+    case = make_case(6, 8, 16, 31)
+    opts = {"loss_type": "dapo", "beta": 0.05, "is_mode": "token_truncate"}
+    items = int(case["mask"].sum())
+    full_loss, full_grads, _ = fused(case, opts, torch.float32, temperature=1.0, impl="torch", chunk_size=8)
+    hidden_grads, weight_grad, total = [], 0.0, 0.0
+    for rows in torch.arange(6).chunk(3):
+        part = {k: (v[rows] if k not in ("weight", "bias") else v) for k, v in case.items()}
+        loss, grads, _ = fused(
+            part,
+            {**opts, "num_items_in_batch": items},
+            torch.float32,
+            temperature=1.0,
+            impl="torch",
+            chunk_size=8,
+        )
+        total = total + loss
+        hidden_grads.append(grads["hidden"])
+        weight_grad = weight_grad + grads["weight"]
+    torch.testing.assert_close(total, full_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.cat(hidden_grads), full_grads["hidden"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight_grad, full_grads["weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_bad_input():
+    case = make_case(2, 5, 8, 11)
+    module = FusedLinearGRPOLoss()
+    with pytest.raises(ValueError, match="hidden_BTH must be a tensor of shape \\[B, T, H\\]"):
+        module(case["hidden"][0], case["weight"], case["labels"], case["old"], case["adv"], case["mask"])
+    with pytest.raises(ValueError, match="labels_BT must have shape"):
+        module(case["hidden"], case["weight"], case["labels"][:, 1:], case["old"], case["adv"], case["mask"])
+    with pytest.raises(ValueError, match="mask must be a tensor of the \\[B, T\\] shape"):
+        module(case["hidden"], case["weight"], case["labels"], case["old"], case["adv"], case["mask"].T)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        FusedLinearGRPOLoss(loss_type="gspo")
+    with pytest.raises(ValueError, match="temperature must be"):
+        FusedLinearGRPOLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        FusedLinearGRPOLoss(chunk_size=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gpu_fused_matches_composition(seed, level):
+    torch.set_default_device("cuda")
+    try:
+        case = make_case(4, 300, 256, 5003, dtype=torch.bfloat16)
+        opts = {"loss_type": "dapo", "importance_sampling_level": level, "beta": 0.04, "delta": 2.0}
+        check(case, opts, torch.bfloat16, impl="auto", chunk_size=512)
+    finally:
+        torch.set_default_device("cpu")

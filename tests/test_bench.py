@@ -1,0 +1,323 @@
+"""fastrl.bench: the harness (timing, memory, failure rows, ratios), the peer guards, the bench's own
+reference math, and a quick end-to-end run writing JSON, markdown and PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from fastrl.bench import harness, peers, registry
+from fastrl.bench.harness import BenchContext, Case, Method, Row, Skip
+from tests.helpers import assert_close_to_truth
+
+CPU = torch.device("cpu")
+
+
+def _ctx(**kw) -> BenchContext:
+    kw = {"device": CPU, "dtype": torch.float32, "quick": True, "repeats": 2, "warmup": 1} | kw
+    return BenchContext(**kw)
+
+
+def _method(name, fn, kind="method"):
+    return Method(name=name, setup=lambda inputs: fn, kind=kind)
+
+
+def _case(methods, **kw):
+    return Case(suite="t", name="c", shape={}, make_inputs=lambda: {}, methods=methods, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory
+
+
+def test_live_bytes_counts_the_peak_of_new_storages_only():
+    held = torch.ones(2**20)  # allocated before: an input, never counted
+
+    def step():
+        kept = torch.ones(2**18)  # 1 MiB fp32, alive at the end
+        tmp = torch.ones(2**19)  # 2 MiB, freed inside the step
+        view = tmp[:10]  # a view allocates nothing
+        del tmp, view
+        late = held * 0  # 4 MiB, freed before returning
+        del late
+        return kept
+
+    mib, out = harness.extra_memory_mib(step, CPU)
+    assert mib == pytest.approx(1 + 4, abs=1e-3)  # kept (1) + late (4); tmp (2) was freed before late
+    assert out.numel() == 2**18
+
+
+def test_extra_memory_includes_the_gradients(seed):
+    x = torch.randn(512, 256, requires_grad=True)  # 0.5 MiB input
+    mib, _ = harness.extra_memory_mib(lambda: (x.exp() * 2).sum().backward(), CPU)
+    grad_mib = x.numel() * 4 / 2**20
+    assert x.grad is not None
+    assert grad_mib <= mib <= 4 * grad_mib  # grad + exp output + product, nothing of the input
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rows: failures never crash the run
+
+
+def test_failures_become_rows_and_ok_rows_get_times():
+    oom = harness.OOM_ERRORS[0]
+
+    def raises(exc):
+        def step():
+            raise exc
+
+        return step
+
+    def bad_setup(inputs):
+        raise ImportError("no module", name="some_peer")
+
+    def skip_setup(inputs):
+        raise Skip("needs a GPU")
+
+    case = _case(
+        [
+            _method("ok", lambda: torch.ones(3).sum(), kind="fastrl"),
+            _method("boom", raises(RuntimeError("kernel exploded\nsecond line"))),
+            _method("oom", raises(oom("CUDA out of memory"))),
+            Method(name="missing", setup=bad_setup),
+            Method(name="skip", setup=skip_setup),
+        ]
+    )
+    rows = {r.method: r for r in harness.run_case(case, _ctx())}
+    assert rows["ok"].status == "ok" and rows["ok"].ms > 0 and len(rows["ok"].ms_all) == 2
+    assert rows["ok"].loss == 3.0 and rows["ok"].extra_mib is not None
+    assert rows["boom"].status == "fails: RuntimeError: kernel exploded" and rows["boom"].ms is None
+    assert rows["oom"].status == "OOM"
+    assert rows["missing"].status == "skipped: some_peer not importable"
+    assert rows["skip"].status == "skipped: needs a GPU"
+
+
+def test_inputs_failure_marks_every_method():
+    def make():
+        raise RuntimeError("no inputs")
+
+    case = Case(suite="t", name="c", shape={}, make_inputs=make, methods=[_method("a", lambda: None)])
+    (row,) = harness.run_case(case, _ctx())
+    assert row.status.startswith("fails: building inputs: RuntimeError: no inputs")
+
+
+def test_grads_are_reset_and_prepare_runs_before_every_run():
+    x = torch.ones(4, requires_grad=True)
+    counts = {"prepare": 0, "step": 0}
+
+    def setup(inputs):
+        def step():
+            assert x.grad is None  # reset before each run, untimed
+            counts["step"] += 1
+            (x * 2).sum().backward()
+
+        def prepare():
+            counts["prepare"] += 1
+
+        step.prepare = prepare
+        return step
+
+    case = Case(
+        suite="t", name="c", shape={}, make_inputs=lambda: {"x": x}, methods=[Method(name="m", setup=setup)]
+    )
+    (row,) = harness.run_case(case, _ctx(warmup=2, repeats=3))
+    assert row.status == "ok"
+    assert counts["step"] == counts["prepare"] == 2 + 1 + 3  # warmup, memory run, timed runs
+    assert x.grad is None
+
+
+def test_ratios_to_floor_baseline_fastrl_and_reference_loss():
+    case = _case([], floor_ms=2.0, reference="eager")
+    rows = [
+        Row(suite="t", case="c", method="base", kind="baseline", status="ok", ms=4.0),
+        Row(suite="t", case="c", method="eager", kind="method", status="ok", ms=8.0, loss=2.0),
+        Row(suite="t", case="c", method="fast", kind="fastrl", status="ok", ms=5.0, loss=2.2),
+        Row(suite="t", case="c", method="gone", kind="peer", status="skipped: x"),
+    ]
+    harness.add_ratios(case, rows)
+    eager, fast, gone = rows[1], rows[2], rows[3]
+    assert (eager.x_floor, eager.x_baseline, eager.x_fastrl) == (4.0, 2.0, 1.6)
+    assert fast.x_fastrl == 1.0 and fast.loss_rel_diff == pytest.approx(0.1)
+    assert gone.x_floor is None and gone.x_fastrl is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the bench's own reference math
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rowloop_logp_matches_float64_truth(seed, dtype):
+    logits = (torch.randn(3, 17, 301) * 3).to(dtype)
+    labels = torch.randint(0, 301, (3, 17))
+    truth = torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    eager = peers.eager_fp32_logp(logits, labels)
+    assert_close_to_truth("eager fp32", eager, truth, truth, dtype=dtype, factor=1.0)
+    # The row loop works in the input dtype, as TRL's does: torch's log-sum-exp at that dtype (its own
+    # error), then the difference rounded again. Its bound is that computation done batched in torch.
+    lse = torch.logsumexp(logits, -1)
+    picked = logits.gather(-1, labels[..., None]).squeeze(-1)
+    two_roundings = (picked.double() - lse.double()).to(dtype)
+    rowloop = peers.rowloop_logp(logits, labels)
+    assert_close_to_truth("row loop", rowloop, two_roundings, truth, dtype=dtype)
+
+
+def test_grpo_and_dpo_losses_match_their_formulas(seed):
+    B, T = 3, 7
+    logp, old, ref = (torch.randn(B, T, dtype=torch.float64) * 0.3 - 1 for _ in range(3))
+    adv = torch.randn(B, dtype=torch.float64)
+    mask = (torch.rand(B, T) > 0.3).double()
+    loss = peers.grpo_loss(logp, old, ref, adv, mask, beta=0.1, eps=0.2)
+    total = 0.0
+    for b in range(B):
+        for t in range(T):
+            r = float(torch.exp(logp[b, t] - old[b, t]))
+            a = float(adv[b])
+            clipped = min(max(r, 0.8), 1.2)
+            d = float(ref[b, t] - logp[b, t])
+            term = -min(r * a, clipped * a) + 0.1 * (torch.exp(torch.tensor(d)).item() - d - 1)
+            total += term * float(mask[b, t])
+    assert float(loss) == pytest.approx(total / max(float(mask.sum()), 1.0), rel=1e-12)
+
+    c, r, rc, rr = (torch.randn(4, dtype=torch.float64) for _ in range(4))
+    expected = -torch.nn.functional.logsigmoid(0.1 * ((c - rc) - (r - rr))).mean()
+    assert float(peers.dpo_loss(c, r, rc, rr, beta=0.1)) == pytest.approx(float(expected), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# peers: guarded imports, failures as rows, call shapes
+
+
+def _run_suite(name, **ctx_kw):
+    from fastrl.bench.floors import Ceilings
+
+    ceil = Ceilings(tflops=1.0, tbps=1.0, source="test")
+    rows = []
+    for case in registry.suite_builder(name)(_ctx(**ctx_kw), ceil):
+        rows += harness.run_case(case, _ctx(**ctx_kw))
+    return {r.method: r for r in rows}
+
+
+def test_missing_peers_are_skipped(monkeypatch):
+    for mod in (
+        "liger_kernel",
+        "liger_kernel.transformers",
+        "liger_kernel.chunked_loss",
+        "cut_cross_entropy",
+    ):
+        monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
+    rows = _run_suite("linear_logprobs")
+    assert rows["Cut Cross-Entropy, exact"].status.startswith("skipped: cut_cross_entropy not installed")
+    assert rows["eager fp32"].status == "ok"
+    rows = _run_suite("grpo")
+    assert rows["Liger LigerFusedLinearGRPOLoss"].status.startswith("skipped:")
+    assert rows["torch.compile of the eager path"].status.startswith("skipped: torch.compile off")
+
+
+def test_a_broken_peer_is_a_fails_row_and_a_working_one_is_measured(monkeypatch):
+    """Fake Liger (raises) and Cut Cross-Entropy (exact, in torch) modules stand in for the real ones."""
+
+    class BrokenCE:
+        def __init__(self, reduction):
+            assert reduction == "none"
+
+        def __call__(self, logits, labels):
+            raise RuntimeError("peer broke")
+
+    calls = []
+
+    def linear_cross_entropy(e, c, targets, reduction="mean", filter_eps="auto"):
+        calls.append(filter_eps)
+        assert reduction == "none" and e.dim() == 2 and targets.dim() == 1
+        return torch.nn.functional.cross_entropy((e @ c.t()).float(), targets, reduction="none")
+
+    liger = types.ModuleType("liger_kernel")
+    liger_t = types.ModuleType("liger_kernel.transformers")
+    liger_t.LigerCrossEntropyLoss = BrokenCE
+    cce = types.ModuleType("cut_cross_entropy")
+    cce.linear_cross_entropy = linear_cross_entropy
+    monkeypatch.setitem(sys.modules, "liger_kernel", liger)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger_t)
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", cce)
+
+    rows = _run_suite("logprobs")
+    assert rows["Liger cross entropy, reduction='none'"].status == "fails: RuntimeError: peer broke"
+    assert rows["eager fp32 log_softmax + gather"].status == "ok"
+
+    rows = _run_suite("grpo")
+    for name in ("Cut Cross-Entropy, gradient filtering on", "Cut Cross-Entropy, exact"):
+        assert rows[name].status == "ok", rows[name].status
+        assert rows[name].loss_rel_diff < 1e-5  # the same loss as eager fp32 through the peer's call shape
+    assert "auto" in calls and None in calls  # filtering on (default) and exact (filter_eps=None)
+
+
+def test_registry_rejects_unknown_suites_and_grpo_step_is_a_hook():
+    with pytest.raises(ValueError, match="unknown suite 'nope'.*logprobs"):
+        registry.suite_builder("nope")
+    with pytest.raises(Skip, match="not filled in yet"):
+        registry.suite_builder("grpo_step")(_ctx(), None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_quick_run_writes_json_markdown_and_png(tmp_path, monkeypatch, capsys):
+    from fastrl.bench import main
+
+    monkeypatch.setitem(registry.SUITES, "broken", "fastrl.bench.no_such_module")
+    out = tmp_path / "bench"
+    argv = ["--quick", "--out", str(out), "--repeats", "1", "--warmup", "0", "--no-progress"]
+    argv += ["--suite", "logprobs", "dpo", "native", "grpo_step", "broken"]
+    monkeypatch.setattr("fastrl.bench.runner.SUITES", registry.SUITES)
+    assert main(argv) == 0
+    payload = json.loads((out / "results.json").read_text())
+    env = payload["environment"]
+    assert env["torch"] == torch.__version__ and env["device"].startswith("CPU")
+    assert "triton" in env and "liger-kernel" in env
+    assert payload["ceilings"]["tflops"] > 0 and "measured" in payload["ceilings"]["source"]
+    by_suite = {}
+    for rec in payload["cases"]:
+        by_suite.setdefault(rec["suite"], []).append(rec)
+    assert set(by_suite) == {"logprobs", "dpo", "native", "grpo_step", "broken"}
+    dpo = by_suite["dpo"][0]
+    rows = {r["method"]: r for r in dpo["rows"]}
+    base = rows["four cuBLAS products (policy, reference, grad_hidden, grad_weight)"]
+    assert base["status"] == "ok" and base["x_baseline"] == 1.0 and base["extra_mib"] > 0
+    assert rows["eager fp32"]["status"] == "ok" and rows["eager fp32"]["x_floor"] > 0
+    assert dpo["floor_ms"] > 0 and dpo["grad_mib"] > 0 and dpo["shape"]["N"] == 16
+    assert by_suite["grpo_step"][0]["rows"][0]["status"].startswith("skipped: not filled in yet")
+    assert by_suite["broken"][0]["rows"][0]["status"].startswith("fails: ModuleNotFoundError")
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert rows["Liger LigerFusedLinearDPOLoss"]["status"].startswith("skipped:")
+
+    md = (out / "results.md").read_text()
+    assert "| method | ms | extra MiB | x floor | x baseline | x fastrl | note |" in md
+    assert "## dpo: N=16 H=32 V=256" in md and md in capsys.readouterr().out
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_bench_arguments_exit_2(capsys):
+    from fastrl.bench import main
+
+    assert main(["--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--gpu"]) == 2
+        assert "--gpu needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--suite", "nope"])
+
+
+@pytest.mark.gpu
+def test_gpu_timing_and_memory_use_cuda_counters():
+    dev = torch.device("cuda")
+    x = torch.randn(1024, 1024, device=dev, requires_grad=True)
+    mib, _ = harness.extra_memory_mib(lambda: (x * 2).sum().backward(), dev)
+    assert 4.0 <= mib <= 16.0  # grad (4 MiB) + product (4 MiB), not the input
+    times = harness.time_step(lambda: x @ x, dev, repeats=3, before=lambda: None)
+    assert len(times) == 3 and all(t > 0 for t in times)

@@ -1,0 +1,135 @@
+"""fastrl.cli: training commands map YAML + overrides onto the run config and call the trainer; the other
+commands dispatch; errors exit with status 2 and a message naming the problem."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from fastrl import cli
+
+
+@dataclass(kw_only=True)
+class DummyOptim:
+    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+
+
+@dataclass(kw_only=True)
+class DummyRunConfig:
+    steps: int = field(default=2, metadata={"help": "Optimizer steps."})
+    optim: DummyOptim = field(default_factory=DummyOptim, metadata={"help": "Optimizer."})
+
+
+@pytest.fixture
+def trainer(monkeypatch):
+    """A fake trainer module behind the ``sft`` command; records the config it was run with."""
+    module = types.ModuleType("dummy_trainer")
+    calls = []
+
+    def run_dummy(cfg):
+        calls.append(cfg)
+        return {"loss": 0.5, "steps": cfg.steps}
+
+    module.DummyRunConfig, module.run_dummy, module.calls = DummyRunConfig, run_dummy, calls
+    monkeypatch.setitem(sys.modules, "dummy_trainer", module)
+    monkeypatch.setitem(cli.TRAINERS, "sft", ("dummy_trainer", "DummyRunConfig", "run_dummy"))
+    monkeypatch.delenv("RANK", raising=False)
+    return module
+
+
+def test_trainer_gets_yaml_plus_overrides_and_metrics_are_printed(trainer, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"steps": 5, "optim": {"lr": 0.1}}))
+    assert cli.main(["sft", "--config", str(path), "--optim.lr", "3e-4"]) == 0
+    assert trainer.calls == [DummyRunConfig(steps=5, optim=DummyOptim(lr=3e-4))]
+    assert json.loads(capsys.readouterr().out) == {"loss": 0.5, "steps": 5}
+
+
+def test_config_equals_form_and_save_config(trainer, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 9\n")
+    saved = tmp_path / "resolved.yaml"
+    assert cli.main(["sft", f"--config={path}", "--save-config", str(saved)]) == 0
+    assert trainer.calls[-1].steps == 9
+    assert yaml.safe_load(saved.read_text()) == {"steps": 9, "optim": {"lr": 1e-5}}
+
+
+def test_help_lists_every_key_with_its_help(trainer, capsys):
+    assert cli.main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--steps int (default: 2)  Optimizer steps." in out
+    assert "--optim.lr float (default: 1e-05)  Peak learning rate." in out
+    assert "--config PATH" in out
+    assert trainer.calls == []
+
+
+def test_print_config_does_not_train(trainer, capsys):
+    assert cli.main(["sft", "--print-config", "--steps", "4"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == {"steps": 4, "optim": {"lr": 1e-5}}
+    assert trainer.calls == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sft", "--optim.lrr", "1"], "did you mean 'optim.lr'"),
+        (["sft", "--steps", "many"], "'steps' expects int"),
+        (["sft", "--config"], "--config needs a path"),
+        (["sft", "--config", "/nonexistent/run.yaml"], "does not exist"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(trainer, capsys, argv, message):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert trainer.calls == []
+
+
+def test_only_rank_zero_prints_under_torchrun(trainer, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["sft", "--steps", "3"]) == 0
+    assert trainer.calls[-1].steps == 3  # every rank trains
+    assert capsys.readouterr().out == ""
+
+
+def test_bench_and_demo_dispatch(monkeypatch):
+    seen = {}
+    import fastrl.bench
+
+    monkeypatch.setattr(fastrl.bench, "main", lambda argv: seen.setdefault("bench", argv) and 0)
+    demo = types.ModuleType("fastrl.demo")
+    demo.main = lambda argv: seen.setdefault("demo", argv) and None
+    monkeypatch.setitem(sys.modules, "fastrl.demo", demo)
+    assert cli.main(["bench", "--quick", "--suite", "dpo"]) == 0
+    assert cli.main(["demo", "--steps", "1"]) == 0
+    assert seen == {"bench": ["--quick", "--suite", "dpo"], "demo": ["--steps", "1"]}
+
+
+def test_usage_unknown_command_and_vllm_placeholder(capsys):
+    assert cli.main([]) == 2
+    assert "usage: fastrl <command>" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["train"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+    assert cli.main(["vllm-serve"]) == 2
+    assert "not available yet: needs the vllm extra" in capsys.readouterr().err
+
+
+def test_real_run_configs_map_when_the_trainers_exist(capsys):
+    """The real trainers' configs go through the same mapping (skipped until they are importable)."""
+    for command, (module, cls_name, _) in cli.TRAINERS.items():
+        mod = pytest.importorskip(module)
+        cls = getattr(mod, cls_name)
+        assert cli.main([command, "--print-config"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert isinstance(printed, dict) and printed, f"{command}: empty config"
+        assert cli.main([command, "--help"]) == 0
+        assert "--" in capsys.readouterr().out
+        from fastrl.config import load_config
+
+        assert load_config(cls, None, []) == cls(), f"{command}: defaults change through the mapping"
