@@ -16,6 +16,7 @@ try:
         Pybind11Extension(
             "fastrl._C",
             sorted(["csrc/bindings.cpp", "csrc/packing.cpp"]),
+            depends=["csrc/packing.h"],
             cxx_std=17,
             extra_compile_args=["-O3"],
             optional=True,

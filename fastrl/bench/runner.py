@@ -69,10 +69,20 @@ def context_from_args(args: argparse.Namespace) -> BenchContext:
     )
 
 
-def run(ctx: BenchContext, suites: list[str], *, progress: bool = True) -> dict:
-    """Build every suite's cases, run them, return the JSON payload."""
+def run(ctx: BenchContext, suites: list[str], *, progress: bool = True, on_update=None) -> dict:
+    """Build every suite's cases, run them, return the JSON payload; ``on_update(payload)`` is called
+    after each case with the results so far (a run cut short still leaves them on disk)."""
     torch.manual_seed(ctx.seed)
     ceil = ceilings(ctx.device, ctx.dtype)
+    settings = {k: str(v) for k, v in dataclasses.asdict(ctx).items()}
+    settings["dtype"] = str(ctx.dtype).removeprefix("torch.")
+    records: list[dict] = []
+    payload = {
+        "environment": report.environment(ctx.device),
+        "settings": settings,
+        "ceilings": dataclasses.asdict(ceil),
+        "cases": records,
+    }
     planned: list[tuple[str, object]] = []  # (suite, list of cases | failure row)
     for name in suites:
         try:
@@ -96,7 +106,6 @@ def run(ctx: BenchContext, suites: list[str], *, progress: bool = True) -> dict:
             )
     total = sum(len(c.methods) for _, cases in planned if isinstance(cases, list) for c in cases)
     bar = _progress(total, enabled=progress)
-    records = []
     for name, cases in planned:
         if isinstance(cases, Row):
             records.append(report.case_record(None, [cases], suite=name, name="-"))
@@ -104,16 +113,11 @@ def run(ctx: BenchContext, suites: list[str], *, progress: bool = True) -> dict:
         for case in cases:
             rows = run_case(case, ctx, progress=bar)
             records.append(report.case_record(case, rows, suite=case.suite, name=case.name))
+            if on_update is not None:
+                on_update(payload)
     if hasattr(bar, "close"):
         bar.close()
-    settings = {k: str(v) for k, v in dataclasses.asdict(ctx).items()}
-    settings["dtype"] = str(ctx.dtype).removeprefix("torch.")
-    return {
-        "environment": report.environment(ctx.device),
-        "settings": settings,
-        "ceilings": dataclasses.asdict(ceil),
-        "cases": records,
-    }
+    return payload
 
 
 def _progress(total: int, *, enabled: bool):
@@ -140,12 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"fastrl bench: {err}", file=sys.stderr)
         return 2
-    payload = run(ctx, list(dict.fromkeys(args.suite or DEFAULT_SUITES)), progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report.write_json(out / "results.json", payload)
-    table = report.markdown(payload)
-    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+
+    def write(payload: dict) -> str:
+        report.write_json(out / "results.json", payload)
+        table = report.markdown(payload)
+        (out / "results.md").write_text(table + "\n", encoding="utf-8")
+        return table
+
+    suites = list(dict.fromkeys(args.suite or DEFAULT_SUITES))
+    payload = run(ctx, suites, progress=not args.no_progress, on_update=write)
+    table = write(payload)
     written = ["results.json", "results.md"]
     if not args.no_plot and report.plot(out / "results.png", payload):
         written.append("results.png")

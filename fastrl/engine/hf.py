@@ -116,8 +116,9 @@ class HFEngine(Engine):
         for i, p in enumerate(prompt_ids):
             if not isinstance(p, (list, tuple)) or not p:
                 raise ValueError(f"prompt_ids[{i}] must be a non-empty list of token ids, got {p!r}")
-            if not all(isinstance(t, numbers.Integral) and 0 <= t < vocab for t in p):
-                raise ValueError(f"prompt_ids[{i}] must hold ints in [0, {vocab}), got {list(p)!r}")
+            bad = [t for t in p if not (isinstance(t, numbers.Integral) and 0 <= t < vocab)]
+            if bad:
+                raise ValueError(f"prompt_ids[{i}] must hold ints in [0, {vocab}), found {bad[0]!r}")
 
     def _forward(self, lm, cache, **inputs) -> tuple[torch.Tensor, object]:
         """Logits of the last position [B, V] and the cache, through the eager model."""

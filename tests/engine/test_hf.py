@@ -233,6 +233,8 @@ def test_bad_inputs(model, tokenizer):
         ([[]], r"prompt_ids\[0\]"),
         ([[5], [len(tokenizer)]], r"prompt_ids\[1\]"),
         ([[5, -1]], r"prompt_ids\[0\]"),
+        ([[5, None]], r"prompt_ids\[0\].*None"),
+        ([[5, 6.0]], r"prompt_ids\[0\]"),
         ("abc", "prompt_ids"),
     ]:
         with pytest.raises(ValueError, match=match):
