@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "demo":
         from fastrl.demo import main as demo_main
 
-        status = demo_main(rest)
-        return int(status or 0)
+        status = demo_main(rest)  # a summary dict (or an exit status)
+        return status if isinstance(status, int) else 0
     if command == "vllm-serve":
         _say(
             "fastrl vllm-serve: not available yet: needs the vllm extra (pip install 'fastrl[vllm]') and the "

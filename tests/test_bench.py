@@ -36,21 +36,27 @@ def _case(methods, **kw):
 # memory
 
 
-def test_live_bytes_counts_the_peak_of_new_storages_only():
-    held = torch.ones(2**20)  # allocated before: an input, never counted
+@torch.library.custom_op("fastrl_test_bench::scaled", mutates_args=())
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    scratch = torch.ones(2**20)  # 4 MiB used and freed inside the op: invisible to a dispatch mode
+    return x * scratch.sum()
+
+
+def test_cpu_memory_is_the_peak_of_new_allocations_including_inside_ops():
+    held = torch.ones(2**18)  # 1 MiB allocated before: an input, never counted
 
     def step():
-        kept = torch.ones(2**18)  # 1 MiB fp32, alive at the end
+        kept = torch.ones(2**18)  # 1 MiB, alive at the end
         tmp = torch.ones(2**19)  # 2 MiB, freed inside the step
         view = tmp[:10]  # a view allocates nothing
         del tmp, view
-        late = held * 0  # 4 MiB, freed before returning
-        del late
-        return kept
+        out = _scaled(held)  # 1 MiB output; 4 MiB scratch inside the op
+        return kept, out
 
-    mib, out = harness.extra_memory_mib(step, CPU)
-    assert mib == pytest.approx(1 + 4, abs=1e-3)  # kept (1) + late (4); tmp (2) was freed before late
-    assert out.numel() == 2**18
+    mib, (kept, out) = harness.extra_memory_mib(step, CPU)
+    # peak while the op runs: kept (1) + scratch (4) + its output (1); tmp (2) was freed before
+    assert mib == pytest.approx(1 + 4 + 1, abs=1e-3)
+    assert kept.numel() == out.numel() == 2**18
 
 
 def test_extra_memory_includes_the_gradients(seed):
@@ -293,6 +299,11 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path, monkeypatch, capsys):
     assert dpo["floor_ms"] > 0 and dpo["grad_mib"] > 0 and dpo["shape"]["N"] == 16
     assert by_suite["grpo_step"][0]["rows"][0]["status"].startswith("skipped: not filled in yet")
     assert by_suite["broken"][0]["rows"][0]["status"].startswith("fails: ModuleNotFoundError")
+    # Every method that ran computed the same loss as eager fp32 (fp32 inputs): the same work is compared.
+    for rec in by_suite["dpo"] + by_suite["logprobs"]:
+        for r in rec["rows"]:
+            if r["status"] == "ok" and r["loss"] is not None:
+                assert r["loss_rel_diff"] < 1e-4, (rec["suite"], r["method"], r["loss_rel_diff"])
     if importlib.util.find_spec("liger_kernel") is None:
         assert rows["Liger LigerFusedLinearDPOLoss"]["status"].startswith("skipped:")
 
@@ -322,3 +333,27 @@ def test_gpu_timing_and_memory_use_cuda_counters():
     assert 4.0 <= mib <= 16.0  # grad (4 MiB) + product (4 MiB), not the input
     times = harness.time_step(lambda: x @ x, dev, repeats=3, before=lambda: None)
     assert len(times) == 3 and all(t > 0 for t in times)
+
+
+def test_markdown_flags_a_loss_that_differs_from_the_reference():
+    from fastrl.bench import report
+
+    def row(method, diff):
+        return {
+            "method": method, "kind": "method", "status": "ok", "ms": 1.0, "extra_mib": 2.0, "note": "",
+            "loss_rel_diff": diff, "x_floor": None, "x_baseline": None, "x_fastrl": None,
+        }  # fmt: skip
+
+    payload = {
+        "environment": {"device": "dev", "torch": "t", "triton": "x", "date_utc": "now"},
+        "settings": {"dtype": "float32", "repeats": "3"},
+        "ceilings": {"tflops": 1.0, "tbps": 1.0, "source": "test"},
+        "cases": [
+            {"suite": "s", "case": "c", "floor_ms": None, "grad_mib": None, "floor_note": "", "shape": {},
+             "rows": [row("same", 1e-7), row("off", 0.5), {**row("gone", None), "status": "fails: A | B"}]},
+        ],
+    }  # fmt: skip
+    md = report.markdown(payload)
+    assert "| same | 1 | 2.0 |" in md and "loss differs" not in md.split("| same")[1].split("\n")[0]
+    assert "| off | 1 | 2.0 |  |  |  | loss differs from the reference by 5.0e-01 |" in md
+    assert "| gone | fails: A / B |" in md  # a pipe in a reason cannot break the table

@@ -103,7 +103,7 @@ def test_bench_and_demo_dispatch(monkeypatch):
 
     monkeypatch.setattr(fastrl.bench, "main", lambda argv: seen.setdefault("bench", argv) and 0)
     demo = types.ModuleType("fastrl.demo")
-    demo.main = lambda argv: seen.setdefault("demo", argv) and None
+    demo.main = lambda argv: {"summary": seen.setdefault("demo", argv)}  # the demo returns its summary
     monkeypatch.setitem(sys.modules, "fastrl.demo", demo)
     assert cli.main(["bench", "--quick", "--suite", "dpo"]) == 0
     assert cli.main(["demo", "--steps", "1"]) == 0

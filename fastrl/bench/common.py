@@ -37,12 +37,15 @@ def backward_method(name: str, loss_fn: LossFn, *, kind: str = "method", note: s
     return Method(name=name, setup=setup, kind=kind, note=note)
 
 
-def compiled_method(ctx: BenchContext, name: str, loss_fn: LossFn, *, note: str = "") -> Method:
-    """``torch.compile`` of an eager loss; off on the CPU unless ``--compile`` (compiling takes minutes)."""
+def compiled_method(ctx: BenchContext, name: str, loss_fn: LossFn, *, first_shape: bool = True) -> Method:
+    """``torch.compile`` of an eager loss; off on the CPU unless ``--compile``, and measured at a suite's
+    first shape only (compiling costs tens of seconds per shape on a GPU)."""
 
     def setup(inputs: dict[str, Any]):
         if not ctx.compile:
             raise Skip("torch.compile off (pass --compile; on by default with --gpu)")
+        if not first_shape:
+            raise Skip("torch.compile is measured at the suite's first shape only")
         compiled = torch.compile(loss_fn)
 
         def step():
@@ -52,7 +55,7 @@ def compiled_method(ctx: BenchContext, name: str, loss_fn: LossFn, *, note: str 
 
         return step
 
-    return Method(name=name, setup=setup, note=note)
+    return Method(name=name, setup=setup)
 
 
 def cublas_products(name: str, hidden_key: str, weight_key: str, *, ref_keys: tuple[str, str] | None = None):

@@ -5,8 +5,7 @@ Method (STYLE.md / ANCHORS.md):
   a GPU, ``time.perf_counter`` on the CPU); gradients are reset to None outside the timed region.
 - extra memory: the peak allocated during one forward+backward minus what was allocated just before it;
   the inputs are excluded, the gradients the run leaves behind are included. On a GPU this is
-  ``torch.cuda.max_memory_allocated``; on the CPU, :class:`LiveBytes` counts the bytes of every storage a
-  torch op allocates while it is alive.
+  ``torch.cuda.max_memory_allocated``; on the CPU, :func:`cpu_peak_bytes` replays the allocator's events.
 - a peer that is not installed is a row "skipped: ..."; one that raises is "fails: <reason>"; running out
   of memory is "OOM" (the cache is emptied and the run goes on).
 """
@@ -17,13 +16,10 @@ import dataclasses
 import gc
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 MiB = 2**20
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
@@ -130,42 +126,30 @@ def device_name(device: torch.device) -> str:
 # memory
 
 
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of the CPU storages torch ops allocate while the mode is on, until each is freed.
+def cpu_peak_bytes(step: Step) -> tuple[int, Any]:
+    """Peak of (bytes allocated - bytes freed) by the CPU allocator during ``step()``, and its output.
 
-    Storages that existed before the mode (the inputs) are never counted; a storage is released from the
-    count when its Python object dies (PyTorch keeps one Python object per live storage).
+    Read from the profiler's allocation events, which see every allocation, also those made inside custom
+    ops (a ``TorchDispatchMode`` sees only the outputs of the ops it intercepts, and would miss, e.g., the
+    chunk buffers inside fastrl's registered ops). Storages that existed before are not counted; unlike
+    on a GPU, freeing one of them during the step does not lower the total (the profiler does not know
+    their size), which the benchmarks never do: gradients are reset before the step, inputs stay alive.
     """
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: dict[int, tuple[weakref.ref, int]] = {}
-
-    def _release(self, key: int, token: object) -> None:
-        entry = self._seen.get(key)
-        if entry is not None and entry[0] is token:
-            del self._seen[key]
-            self.live -= entry[1]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
-                self._track(t.untyped_storage())
-        return out
-
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        nbytes, key = storage.nbytes(), storage.data_ptr()
-        entry = self._seen.get(key)
-        if nbytes == 0 or (entry is not None and entry[0]() is storage):
-            return
-        ref = weakref.ref(storage)
-        self._seen[key] = (ref, nbytes)
-        weakref.finalize(storage, self._release, key, ref)
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = step()
+    cpu = torch.autograd.DeviceType.CPU
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == cpu
+    ]
+    live = peak = 0
+    for _, nbytes in sorted(events, key=lambda ev: ev[0]):
+        live += nbytes
+        peak = max(peak, live)
+    return peak, out
 
 
 def extra_memory_mib(step: Step, device: torch.device) -> tuple[float, Any]:
@@ -177,10 +161,8 @@ def extra_memory_mib(step: Step, device: torch.device) -> tuple[float, Any]:
         out = step()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / MiB, out
-    tracker = LiveBytes()
-    with tracker:
-        out = step()
-    return tracker.peak / MiB, out
+    peak, out = cpu_peak_bytes(step)
+    return peak / MiB, out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +238,7 @@ def run_method(case: Case, method: Method, inputs: dict[str, Any], ctx: BenchCon
     except Exception as err:  # a peer's failure is a row, never a crash of the whole run
         row.status = f"fails: {describe_error(err)}"
     finally:
-        step = None
+        step = None  # drop the closures (modules, compiled graphs, buffers) before emptying the cache
         reset_grads(inputs)
         if not row.status.startswith("skipped"):  # gc is slow on a busy CPU; a skip allocated nothing
             empty_cache(device)

@@ -88,22 +88,9 @@ def run(ctx: BenchContext, suites: list[str], *, progress: bool = True, on_updat
         try:
             planned.append((name, suite_builder(name)(ctx, ceil)))
         except Skip as err:
-            planned.append(
-                (name, Row(suite=name, case="-", method="(suite)", kind="suite", status=f"skipped: {err}"))
-            )
-        except Exception as err:
-            planned.append(
-                (
-                    name,
-                    Row(
-                        suite=name,
-                        case="-",
-                        method="(suite)",
-                        kind="suite",
-                        status=f"fails: {describe_error(err)}",
-                    ),
-                )
-            )
+            planned.append((name, _suite_row(name, f"skipped: {err}")))
+        except Exception as err:  # a suite whose module is missing or broken is a row too
+            planned.append((name, _suite_row(name, f"fails: {describe_error(err)}")))
     total = sum(len(c.methods) for _, cases in planned if isinstance(cases, list) for c in cases)
     bar = _progress(total, enabled=progress)
     for name, cases in planned:
@@ -118,6 +105,10 @@ def run(ctx: BenchContext, suites: list[str], *, progress: bool = True, on_updat
     if hasattr(bar, "close"):
         bar.close()
     return payload
+
+
+def _suite_row(name: str, status: str) -> Row:
+    return Row(suite=name, case="-", method="(suite)", kind="suite", status=status)
 
 
 def _progress(total: int, *, enabled: bool):

@@ -23,31 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastrl.losses._fused import AttachGrads, check_fused_options
 from fastrl.losses.dpo import dpo_loss, ld_sequence_logps, ld_token_weights, validate_dpo_options
-from fastrl.ops._common import IMPLS, check_float, check_labels, check_same_device, check_temperature
-
-
-class _AttachGrads(torch.autograd.Function):
-    """Returns ``loss`` unchanged; its backward hands out gradients computed ahead of time, scaled by the
-    incoming gradient (a scalar)."""
-
-    @staticmethod
-    def forward(ctx, loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # The usual call is loss.backward() (grad_out == 1): hand the stored gradients over as they are
-        # rather than allocating a scaled copy of a [V, H] weight gradient.
-        unit = bool(grad_out == 1)
-        grads = []
-        for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[1:4]):
-            if g is None or not needed:
-                grads.append(None)
-            else:
-                grads.append(g if unit else (g * grad_out).to(g.dtype))
-        return (None, *grads, None, None, None)
+from fastrl.ops._common import check_float, check_labels, check_same_device
 
 
 def _check_hidden(name: str, hidden: torch.Tensor, dims: tuple[int | None, ...]) -> None:
@@ -101,11 +79,7 @@ class FusedLinearDPOLoss(nn.Module):
             isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0 <= ld_alpha <= 1
         ):
             raise ValueError(f"ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
-        check_temperature(temperature)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
+        check_fused_options(temperature, impl, chunk_size)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.ld_alpha, self.temperature, self.ignore_index = ld_alpha, temperature, ignore_index
         self.chunk_size, self.impl = chunk_size, impl
@@ -162,9 +136,12 @@ class FusedLinearDPOLoss(nn.Module):
         def rows(hc: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
             return torch.cat([hc.reshape(-1, hc.shape[-1])[idx_c], hr.reshape(-1, hr.shape[-1])[idx_r]])
 
+        # The log-probs' dtype: fp32, or fp64 for fp64 inputs (so the loss math keeps fp64 precision).
+        acc = torch.float64 if hidden_chosen.dtype == torch.float64 else torch.float32
+
         def sums(logp_n: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(2 * P, dtype=torch.float32, device=logp_n.device)
-            return out.index_add_(0, seq_n, logp_n.float() * w_n)
+            out = torch.zeros(2 * P, dtype=acc, device=logp_n.device)
+            return out.index_add_(0, seq_n, logp_n.to(acc) * w_n.to(acc))
 
         hidden_n = rows(hidden_chosen, hidden_rejected)
         head = dict(temperature=self.temperature, ignore_index=self.ignore_index, chunk_size=self.chunk_size)
@@ -183,7 +160,7 @@ class FusedLinearDPOLoss(nn.Module):
                     ref_w, ref_b = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
                     ref_seq = sums(self._logprobs(ref_rows, ref_w, labels_n, ref_b, head))
                 else:
-                    ref_seq = torch.cat([ref_chosen_logps, ref_rejected_logps]).float()
+                    ref_seq = torch.cat([ref_chosen_logps, ref_rejected_logps]).to(acc)
 
         options = dict(self.options)
         if self.loss_type == "ipo":
@@ -203,13 +180,15 @@ class FusedLinearDPOLoss(nn.Module):
         if not needs_grad:
             return loss, metrics
         grads = self._grads(hidden_n, weight, labels_n, bias, grad_seq[seq_n] * w_n, head)
-        return _AttachGrads.apply(loss, hidden_n, weight, bias, *grads), metrics
+        return AttachGrads.apply(loss, hidden_n, weight, bias, *grads), metrics
 
     def _logprobs(self, hidden_n, weight, labels_n, bias, head) -> torch.Tensor:
         from fastrl.ops.linear_logprobs import linear_logprobs
 
         if hidden_n.shape[0] == 0:
-            return hidden_n.new_zeros(0, dtype=torch.float32)
+            return hidden_n.new_zeros(
+                0, dtype=torch.float64 if hidden_n.dtype == torch.float64 else torch.float32
+            )
         return linear_logprobs(
             hidden_n.detach(), weight.detach(), labels_n, bias=None if bias is None else bias.detach(),
             impl=self.impl, **head,
@@ -285,56 +264,53 @@ class FusedLinearDPOLoss(nn.Module):
         return P, hidden_chosen.shape[1], H
 
 
+# The keyword tensors of FusedLinearDPOLoss.forward.
+_FORWARD_TENSORS = (
+    "bias", "ref_chosen_logps", "ref_rejected_logps", "ref_weight", "ref_bias", "ref_hidden_chosen",
+    "ref_hidden_rejected",
+)  # fmt: skip
+
+
 def linear_dpo_reference(
     hidden_chosen: torch.Tensor,
     hidden_rejected: torch.Tensor,
     weight: torch.Tensor,
     labels_chosen: torch.Tensor,
     labels_rejected: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
-    ref_weight: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    ref_hidden_chosen: torch.Tensor | None = None,
-    ref_hidden_rejected: torch.Tensor | None = None,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    ld_alpha: float | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    **options,
+    **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The plain PyTorch composition ``linear_logprobs_reference`` (materialised logits) -> (LD-)masked sums
     -> ``dpo_loss``, differentiated by autograd: what :class:`FusedLinearDPOLoss` computes, for tests and
-    benchmarks. Same arguments as the module's constructor and ``forward`` together."""
+    benchmarks. ``kwargs`` are the keyword arguments of the module's constructor and of its ``forward``
+    together (``chunk_size`` and ``impl`` are accepted and unused)."""
     from fastrl.ops.linear_logprobs import linear_logprobs_reference
 
-    alpha = 1.0 if ld_alpha is None else ld_alpha
+    t = {k: kwargs.pop(k, None) for k in _FORWARD_TENSORS}
+    m = FusedLinearDPOLoss(**kwargs)  # the module's option checks and per-type defaults
+    alpha = 1.0 if m.ld_alpha is None else m.ld_alpha
 
     def seq_logps(hc, hr, w, b):
         logps = []
         for h, y in ((hc, labels_chosen), (hr, labels_rejected)):
             logp = linear_logprobs_reference(
-                h.reshape(-1, h.shape[-1]), w, y.reshape(-1), bias=b, temperature=temperature,
-                ignore_index=ignore_index,
+                h.reshape(-1, h.shape[-1]), w, y.reshape(-1), bias=b, temperature=m.temperature,
+                ignore_index=m.ignore_index,
             )  # fmt: skip
             logps.append(logp.reshape(y.shape))
-        return ld_sequence_logps(
-            logps[0], labels_chosen != ignore_index, logps[1], labels_rejected != ignore_index, alpha
-        )
+        mask_c, mask_r = labels_chosen != m.ignore_index, labels_rejected != m.ignore_index
+        return ld_sequence_logps(logps[0], mask_c, logps[1], mask_r, alpha)
 
-    chosen, rejected = seq_logps(hidden_chosen, hidden_rejected, weight, bias)
-    if ref_chosen_logps is None:
+    chosen, rejected = seq_logps(hidden_chosen, hidden_rejected, weight, t["bias"])
+    ref_chosen, ref_rejected = t["ref_chosen_logps"], t["ref_rejected_logps"]
+    if ref_chosen is None:
         with torch.no_grad():
-            w, b = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
-            ref_chosen_logps, ref_rejected_logps = seq_logps(ref_hidden_chosen, ref_hidden_rejected, w, b)
-    if loss_type == "ipo":
-        options = dict(options, chosen_lengths=(labels_chosen != ignore_index).sum(1))
-        options["rejected_lengths"] = (labels_rejected != ignore_index).sum(1)
+            w, b = (weight, t["bias"]) if t["ref_weight"] is None else (t["ref_weight"], t["ref_bias"])
+            ref_chosen, ref_rejected = seq_logps(t["ref_hidden_chosen"], t["ref_hidden_rejected"], w, b)
+    options = dict(m.options)
+    if m.loss_type == "ipo":
+        options["chosen_lengths"] = (labels_chosen != m.ignore_index).sum(1)
+        options["rejected_lengths"] = (labels_rejected != m.ignore_index).sum(1)
     return dpo_loss(
-        chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-        label_smoothing=label_smoothing, **options,
+        chosen, rejected, ref_chosen, ref_rejected, beta=m.beta, loss_type=m.loss_type,
+        label_smoothing=m.label_smoothing, **options,
     )  # fmt: skip

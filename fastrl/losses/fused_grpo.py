@@ -20,32 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastrl.losses._fused import AttachGrads, check_fused_options
 from fastrl.losses.grpo import check_grpo_inputs, grpo_loss, needs_full_logp, prepare_grpo
 from fastrl.losses.grpo_config import GRPOLossConfig, make_config
-from fastrl.losses.grpo_math import grpo_token_grad
-from fastrl.ops._common import IMPLS, check_same_device, check_temperature
+from fastrl.losses.grpo_math import compute_dtype, grpo_token_grad
+from fastrl.ops._common import check_same_device
 from fastrl.ops.linear_logprobs import fused_linear_logprobs_with_grad, linear_logprobs
-
-
-class _StashedGrads(torch.autograd.Function):
-    """Returns ``loss``; its backward hands out gradients computed in the forward, times the upstream."""
-
-    @staticmethod
-    def forward(ctx, loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.hidden_shape = hidden.shape
-        return loss.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        gh, gw, gb = ctx.grads
-        ctx.grads = None  # a second backward has nothing left to hand out
-
-        def scale(g):
-            return None if g is None else g * grad_loss.to(g.dtype)
-
-        gh = scale(gh)
-        return None, None if gh is None else gh.view(ctx.hidden_shape), scale(gw), scale(gb), None, None, None
 
 
 class FusedLinearGRPOLoss(nn.Module):
@@ -66,12 +46,7 @@ class FusedLinearGRPOLoss(nn.Module):
         **options,
     ):
         super().__init__()
-        check_temperature(temperature)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size <= 0):  # fmt: skip
-            raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
+        check_fused_options(temperature, impl, chunk_size)
         self.config = make_config(config, options)
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
@@ -126,17 +101,21 @@ class FusedLinearGRPOLoss(nn.Module):
         if needs_full_logp(cfg, old_logp, engine_logp):
             with torch.no_grad():  # the first sweep of the module docstring: forward only
                 logp0 = linear_logprobs(hidden_BTH, weight_VH, labels_BT, **ll_kwargs)
-        p = prepare_grpo(logp0, old_logp, advantages, mask, cfg, ref_logp=ref_logp, engine_logp=engine_logp)
-        grad_fn = _chunk_grad_fn(p, B, T)
+        # The math in the dtype of the log-probs (fp64 for fp64 inputs), as grpo_loss does.
+        p = prepare_grpo(
+            logp0, old_logp, advantages, mask, cfg, ref_logp=ref_logp, engine_logp=engine_logp,
+            dtype=compute_dtype(hidden_BTH),
+        )  # fmt: skip
+        hidden_NH = hidden_BTH.reshape(B * T, H)
         res = fused_linear_logprobs_with_grad(
-            hidden_BTH.reshape(B * T, H), weight_VH, labels_BT.reshape(B * T), grad_fn, **ll_kwargs
+            hidden_NH, weight_VH, labels_BT.reshape(B * T), _chunk_grad_fn(p, B, T), **ll_kwargs
         )
         logp = res.logp.view(B, T)
         with torch.no_grad():
             loss, metrics = self._loss_and_metrics(logp, old_logp, advantages, mask, ref_logp, engine_logp)
-        grad_hidden = res.grad_hidden if hidden_BTH.requires_grad else None
-        grad_bias = res.grad_bias if bias is not None and bias.requires_grad else None
-        loss = _StashedGrads.apply(loss, hidden_BTH, weight_VH, bias, grad_hidden, res.grad_weight, grad_bias)
+        loss = AttachGrads.apply(
+            loss, hidden_NH, weight_VH, bias, res.grad_hidden, res.grad_weight, res.grad_bias
+        )
         return loss, metrics
 
     def _loss_and_metrics(self, logp, old_logp, advantages, mask, ref_logp, engine_logp):
@@ -150,31 +129,12 @@ class FusedLinearGRPOLoss(nn.Module):
 
 def _chunk_grad_fn(p, B: int, T: int):
     """``grad_fn(rows, logp_C, entropy_C)`` over the flat [B * T] tokens, from ``prepare_grpo``'s output."""
-
-    def flat(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.expand(B, T).reshape(B * T)
-
-    old, adv, coef, ref, w = flat(p.old_logp), flat(p.adv), flat(p.coef), flat(p.ref_logp), flat(p.is_weight)
-    seq_ratio = seq_chain = None
-    if p.seq_log_ratio is not None:
-        seq_ratio = flat(torch.exp(p.seq_log_ratio)[:, None])
-        seq_chain = flat(p.mask.to(p.seq_chain.dtype) * p.seq_chain[:, None])
-
-    def take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-        return None if t is None else t[rows]
+    flat = {k: None if t is None else t.expand(B, T).reshape(B * T) for k, t in p.token_tensors().items()}
 
     def grad_fn(rows: slice, logp_C: torch.Tensor, entropy_C: torch.Tensor | None):
-        g = grpo_token_grad(
-            logp_C,
-            logp_C if old is None else old[rows],
-            adv[rows],
-            coef[rows],
-            p.cfg,
-            ref_logp=take(ref, rows),
-            is_weight=take(w, rows),
-            seq_ratio=take(seq_ratio, rows),
-            seq_chain=take(seq_chain, rows),
-        )
-        return g, None
+        chunk = {k: None if t is None else t[rows] for k, t in flat.items()}
+        if chunk["old_logp"] is None:  # old_logp=None means logp.detach()
+            chunk["old_logp"] = logp_C
+        return grpo_token_grad(logp_C, cfg=p.cfg, **chunk), None
 
     return grad_fn

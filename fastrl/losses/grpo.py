@@ -62,6 +62,20 @@ class GRPOInputs:
     seq_log_ratio: torch.Tensor | None  # [B], sequence level only
     seq_chain: torch.Tensor | None  # [B], sequence level only
 
+    def token_tensors(self) -> dict[str, torch.Tensor | None]:
+        """The per-token arguments of ``grpo_math.grpo_token_terms`` but logp and cfg, as [B, T] or
+        broadcastable tensors (``old_logp`` None stands for logp itself)."""
+        seq = self.seq_log_ratio is not None
+        return dict(
+            old_logp=self.old_logp,
+            adv=self.adv,
+            coef=self.coef,
+            ref_logp=self.ref_logp,
+            is_weight=self.is_weight,
+            seq_ratio=torch.exp(self.seq_log_ratio)[:, None] if seq else None,
+            seq_chain=self.mask.to(self.seq_chain.dtype) * self.seq_chain[:, None] if seq else None,
+        )
+
 
 def check_grpo_inputs(
     shape: tuple[int, int], old_logp, advantages, mask, ref_logp, engine_logp, cfg: GRPOLossConfig
@@ -128,19 +142,10 @@ def prepare_grpo(
 
 
 def _torch_terms(logp: torch.Tensor, p: GRPOInputs, need_grad: bool):
-    seq = p.seq_log_ratio is not None
-    return grpo_token_terms(
-        logp,
-        logp if p.old_logp is None else p.old_logp,
-        p.adv,
-        p.coef,
-        p.cfg,
-        ref_logp=p.ref_logp,
-        is_weight=p.is_weight,
-        seq_ratio=torch.exp(p.seq_log_ratio)[:, None] if seq else None,
-        seq_chain=(p.mask.to(p.seq_chain.dtype) * p.seq_chain[:, None]) if seq else None,
-        need_grad=need_grad,
-    )
+    args = p.token_tensors()
+    if args["old_logp"] is None:
+        args["old_logp"] = logp
+    return grpo_token_terms(logp, cfg=p.cfg, need_grad=need_grad, **args)
 
 
 def _triton_terms(logp: torch.Tensor, p: GRPOInputs, need_grad: bool):

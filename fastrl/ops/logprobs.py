@@ -10,10 +10,8 @@ Layers (``fastrl/triton_kernels/logprobs.py`` holds the kernels):
 - ``logprobs``: input checks, ``impl`` dispatch, the public function.
 """
 
-# No ``from __future__ import annotations`` here: torch.library.custom_op reads the schema from the real
-# annotations of the op functions.
-from typing import Optional
-
+# No ``from __future__ import annotations`` here: torch.library.custom_op reads the forward op's schema from
+# its real annotations.
 import torch
 from torch import Tensor
 
@@ -250,51 +248,38 @@ def _backward_impl(
         logits.copy_(x.view(logits.shape))
 
 
-@torch.library.custom_op("fastrl::logprobs_bwd", mutates_args=())
-def _logprobs_bwd(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor,
-    grad_logp: Optional[Tensor],
-    grad_entropy: Optional[Tensor],
-    temperature: float,
-    ignore_index: int,
-    impl: str,
-) -> Tensor:
+# The two backward ops share one argument list; the in-place one writes the gradient into ``logits``. The
+# schema is spelled out once here rather than inferred from two copies of the annotated signature.
+_BWD_ARGS = (
+    "Tensor labels, Tensor lse, Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature, "
+    "int ignore_index, str impl"
+)
+
+
+def _bwd(logits: Tensor, *args) -> Tensor:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _backward_impl(
-        logits, grad, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl
-    )
+    _backward_impl(logits, grad, *args)
     return grad
 
 
-@_logprobs_bwd.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("fastrl::logprobs_bwd_inplace", mutates_args=("logits",))
-def _logprobs_bwd_inplace(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor,
-    grad_logp: Optional[Tensor],
-    grad_entropy: Optional[Tensor],
-    temperature: float,
-    ignore_index: int,
-    impl: str,
-) -> None:
+def _bwd_inplace(logits: Tensor, *args) -> None:
     """Overwrites ``logits`` with the gradient (each row is read before it is written)."""
-    _backward_impl(
-        logits, logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl
-    )
+    _backward_impl(logits, logits, *args)
 
 
-@_logprobs_bwd_inplace.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl):
-    return None
+_logprobs_bwd = torch.library.custom_op(
+    "fastrl::logprobs_bwd", _bwd, mutates_args=(), schema=f"(Tensor logits, {_BWD_ARGS}) -> Tensor"
+)
+_logprobs_bwd_inplace = torch.library.custom_op(
+    "fastrl::logprobs_bwd_inplace",
+    _bwd_inplace,
+    mutates_args=("logits",),
+    schema=f"(Tensor(a!) logits, {_BWD_ARGS}) -> ()",
+)
+_logprobs_bwd.register_fake(
+    lambda logits, *args: torch.empty_like(logits, memory_format=torch.contiguous_format)
+)
+_logprobs_bwd_inplace.register_fake(lambda logits, *args: None)
 
 
 def _setup_context(ctx, inputs, output):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastrl.data import DataConfig, EpochSampler, encode_prompt, load_data, require_columns
+from fastrl.engine import EngineConfig, build_engine
 from fastrl.losses.grpo_config import GRPOLossConfig
 from fastrl.models import LoraConfig, ModelConfig
 from fastrl.rewards import SCALE_REWARDS, resolve_reward
@@ -72,12 +73,6 @@ class GRPOConfig:
             raise ValueError("grpo.temperature must be > 0, grpo.top_p in (0, 1] and grpo.top_k >= 0")
 
 
-def _engine_config():
-    from fastrl.engine import EngineConfig
-
-    return EngineConfig()
-
-
 @dataclass(kw_only=True)
 class GRPORunConfig:
     """A complete GRPO run."""
@@ -89,7 +84,7 @@ class GRPORunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Loop, logging, checkpoints."})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Generation and rewards."})
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig, metadata={"help": "The GRPO loss."})
-    engine: object = field(default_factory=_engine_config, metadata={"help": "The generation engine."})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "The generation engine."})
 
 
 def schedule(cfg: GRPORunConfig) -> tuple[int, int]:
@@ -233,8 +228,6 @@ def run_grpo(
     dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     rows = prepare_prompts(dataset, tokenizer, cfg.data)
     if engine is None:
-        from fastrl.engine import build_engine
-
         engine = build_engine(cfg.engine, model, tokenizer)
     step = GRPOStep(model, ref, tokenizer, rows, funcs, engine, cfg, device)
     out = train(

@@ -7,8 +7,8 @@ The math (policy terms, normaliser, KL, engine IS weight, GSPO chain term) is th
     grad[b, t]         = dloss / dlogp[b, t]
 
 Only builtins are used: ``tl.zeros``/``tl.sum``/``tl.sigmoid`` are ``@triton.jit`` helpers that the
-interpreted copy of this module (``_runtime.kernels``) cannot call, so the sum is ``tl.reduce`` with
-triton.language's own combine function (what ``tl.sum`` compiles to) and constants come from ``tl.full``.
+interpreted copy of this module (``_runtime.kernels``) cannot call, so the sum is ``tl.reduce`` with the
+combine function of ``_lang`` and constants come from ``tl.full``.
 
 One program per (row, block of BLOCK_T tokens): every token is independent once the per-row quantities
 (normaliser ``s_b``, and for sequence-level ratios ``log r_b`` and ``chain_b``) are known; the launcher's
@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrl.triton_kernels import _lang
+
 POLICY_IDS = {"clip": 0, "cispo": 1, "sapo": 2}
-_add = tl.standard._sum_combine
+_add = _lang.add
 
 
 @triton.jit

@@ -29,21 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-# tl.sum / tl.max / tl.zeros are themselves @triton.jit functions of triton.language: in the interpreted
-# copy that _runtime loads for CPU tensors they stay compiled-only and refuse to run. So the kernels call
-# tl.reduce with triton.language's own combine functions (exactly what tl.sum / tl.max do when compiled),
-# which the interpreter recognises and runs as one numpy reduction; constants come from tl.full.
-_add = tl.standard._sum_combine
-_max = tl.standard._elementwise_max
+from fastrl.triton_kernels import _lang
 
-
-@triton.jit
-def _to_bf16_rtne(x):
-    # The interpreter (Triton 3.9) truncates fp32 -> bf16 casts instead of rounding to nearest even as the
-    # compiled cast does; this rounds by integer arithmetic on the fp32 bits instead.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+# Interpreter-safe helpers (tl.reduce combine functions, bf16 rounding), decorated in this module's mode:
+# see _lang.py.
+_L = _lang.load()
+_add, _max, _to_bf16_rtne = _L.add, _L.maximum, _L.to_bf16_rtne
 
 
 @triton.jit

@@ -57,12 +57,14 @@ def _teacher_forced_logp(model, prompts, completions, temperature):
 def _eos_when_greedy_says(model, tokenizer, completions, start):
     """Copy the lm_head row of a token greedy produced onto EOS: wherever greedy picked that token, the
     tie now goes to EOS (argmax returns the lowest id), so greedy stops there. The token is taken from
-    the longest completion, at ``start`` or later, with an id above EOS's. Returns (row, position) of the
+    the longest completion that has one at ``start`` or later, with an id above EOS's. Returns (row, position) of the
     first place greedy now stops in that row."""
     eos = tokenizer.eos_token_id
-    row = max(range(len(completions)), key=lambda i: len(completions[i]))
+    rows = sorted(range(len(completions)), key=lambda i: -len(completions[i]))
+    row, pos = next(
+        (r, i) for r in rows for i in range(start, len(completions[r])) if completions[r][i] > eos
+    )
     ids = completions[row]
-    pos = next(i for i in range(min(start, len(ids) - 1), len(ids)) if ids[i] > eos)
     with torch.no_grad():
         model.lm_head.weight[eos] = model.lm_head.weight[ids[pos]]
     return row, ids.index(ids[pos])
@@ -132,8 +134,11 @@ def test_seeded_sampling_reproduces(model, tokenizer, seed):
 
 def test_stop_token_ids(model, tokenizer):
     prompts = _prompts(tokenizer, [6, 3])
+    with torch.no_grad():  # EOS logit 0, below the largest of ~100 others: greedy never ends by itself
+        model.lm_head.weight[tokenizer.eos_token_id] = 0
     engine = HFEngine(model, tokenizer)
     full = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
+    assert full.truncated == [True, True]
     stop = full.completion_ids[0][3]
     out = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[stop]))
     for ids, logp, trunc, ref_ids, ref_logp, ref_trunc in zip(
