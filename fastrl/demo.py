@@ -4,7 +4,8 @@ Task: reverse a short lowercase string (``"abcd="`` -> ``"dcba"``). The reward i
 (``partial_match``: the fraction of positions right) plus 1 for a fully correct answer (``exact_match``).
 A tiny Qwen2-architecture model with a character tokenizer is built locally, then
 
-1. **SFT** on (prompt, reversed) pairs, stopped early on purpose so the model is good but not perfect;
+1. **SFT** on noisy demonstrations: half of them copy the string instead of reversing it (as human or
+   model-written demonstrations are often imperfect), so the SFT model hesitates between the two;
 2. **GRPO** with those two rewards, which must raise the held-out reward over the SFT model;
 3. **DPO** on pairs (correct answer, the model's own wrong greedy answer).
 
@@ -30,23 +31,24 @@ class DemoPlan:
 
     min_len: int = 3
     max_len: int = 6
-    n_train: int = 3000
+    n_train: int = 2000
     n_eval: int = 200
-    hidden_size: int = 128
+    copy_frac: float = 0.5
+    hidden_size: int = 64
     num_layers: int = 2
-    sft_steps: int = 120
+    sft_steps: int = 200
     sft_batch: int = 32
     sft_lr: float = 3e-3
-    grpo_steps: int = 60
+    grpo_steps: int = 150
     grpo_prompts: int = 16
     num_generations: int = 8
-    grpo_lr: float = 5e-4
-    dpo_steps: int = 20
+    grpo_lr: float = 3e-4
+    dpo_steps: int = 30
     dpo_batch: int = 16
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 3e-5
 
 
-QUICK = DemoPlan(n_train=1500, n_eval=96, sft_steps=80, grpo_steps=30, dpo_steps=8)
+QUICK = DemoPlan(n_eval=128, sft_steps=150, grpo_steps=60, dpo_steps=15)
 
 
 def make_rows(n: int, plan: DemoPlan, rng: random.Random, exclude: set[str]) -> list[dict]:
@@ -100,6 +102,18 @@ def run_demo(output_dir: str, *, quick: bool = False, seed: int = 0, progress: b
     """Run the three stages (module docstring); returns the summary that is also written to disk."""
     import torch
 
+    plan = QUICK if quick else DemoPlan()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's matrices gain nothing from threads; spare the other core
+    try:
+        return _run(plan, Path(output_dir), quick=quick, seed=seed, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(plan: DemoPlan, out: Path, *, quick: bool, seed: int, progress: bool) -> dict:
+    import torch
+
     from fastrl.data import DataConfig
     from fastrl.losses.grpo_config import GRPOLossConfig
     from fastrl.models.tiny import build_char_tokenizer, build_tiny_model
@@ -109,8 +123,6 @@ def run_demo(output_dir: str, *, quick: bool = False, seed: int = 0, progress: b
     from fastrl.trainers.grpo import GRPOConfig, GRPORunConfig, run_grpo
     from fastrl.trainers.sft import SFTRunConfig, run_sft
 
-    plan = QUICK if quick else DemoPlan()
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -141,7 +153,14 @@ def run_demo(output_dir: str, *, quick: bool = False, seed: int = 0, progress: b
         }
         return result, after
 
-    sft_rows = [{"prompt": r["prompt"], "completion": r["answer"]} for r in train_rows]
+    noisy = random.Random(seed + 1)
+    sft_rows = [
+        {
+            "prompt": r["prompt"],
+            "completion": r["prompt"][:-1] if noisy.random() < plan.copy_frac else r["answer"],
+        }
+        for r in train_rows
+    ]
     sft_cfg = SFTRunConfig(
         data=data,
         optim=OptimConfig(lr=plan.sft_lr, warmup_steps=5),
@@ -151,7 +170,7 @@ def run_demo(output_dir: str, *, quick: bool = False, seed: int = 0, progress: b
 
     grpo_cfg = GRPORunConfig(
         data=data,
-        optim=OptimConfig(lr=plan.grpo_lr, schedule="constant"),
+        optim=OptimConfig(lr=plan.grpo_lr, schedule="constant", warmup_steps=5),
         train=_train_cfg(
             out, "grpo", plan.grpo_steps, plan.grpo_prompts * plan.num_generations, seed, progress
         ),

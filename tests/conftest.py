@@ -8,7 +8,9 @@ import random
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread per test process: CI runs two xdist workers on two cores, and oversubscribed threads
+# made tiny-model forwards 15-30x slower there.
+torch.set_num_threads(int(os.environ.get("FASTRL_TEST_THREADS", "1")))
 
 
 @pytest.fixture

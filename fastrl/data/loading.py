@@ -25,6 +25,12 @@ class DataConfig:
     max_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N examples (None: all)."}
     )
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column holding the prompt (GRPO), e.g. 'question' for GSM8K."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "If set, plain-text prompts become [system, user] chats (GRPO)."}
+    )
     max_prompt_length: int = field(
         default=512, metadata={"help": "Prompts longer than this many tokens keep their last tokens."}
     )

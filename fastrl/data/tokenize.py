@@ -130,12 +130,28 @@ def sft_example(
     return {"input_ids": ids[:max_length], "loss_mask": mask[:max_length]}
 
 
+def split_conversation(prompt, completion):
+    """(prompt, completion) with an implicit prompt made explicit: a completion given as a whole
+    conversation (user turns included, as in many preference datasets) is split after its last non-assistant
+    turn; a plain-text prompt before a conversational completion becomes one user turn."""
+    if _is_messages(completion):
+        cut = [i for i, m in enumerate(completion) if m["role"] != "assistant"]
+        if cut:
+            return completion[: cut[-1] + 1], completion[cut[-1] + 1 :]
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": prompt}], completion
+    return prompt, completion
+
+
 def dpo_example(tokenizer, example: dict, *, max_prompt_length: int, max_length: int) -> dict:
     """One preference pair -> ``{"prompt_ids", "chosen_ids", "rejected_ids"}``; the prompt keeps its last
     ``max_prompt_length`` tokens and each completion is cut so prompt+completion fits ``max_length``."""
-    prompt_ids = encode_prompt(tokenizer, example["prompt"], max_prompt_length)
+    prompt, chosen = split_conversation(example.get("prompt", ""), example["chosen"])
+    _, rejected = split_conversation(example.get("prompt", ""), example["rejected"])
+    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_length)
     room = max(1, max_length - len(prompt_ids))
-    out = {"prompt_ids": prompt_ids}
-    for key in ("chosen", "rejected"):
-        out[f"{key}_ids"] = encode_completion(tokenizer, example["prompt"], example[key])[:room]
-    return out
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": encode_completion(tokenizer, prompt, chosen)[:room],
+        "rejected_ids": encode_completion(tokenizer, prompt, rejected)[:room],
+    }

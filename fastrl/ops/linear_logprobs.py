@@ -182,11 +182,13 @@ def _rows_forward(impl, logits_CV, labels_C, inv_temp, ignore_index, with_entrop
     if inv_temp != 1.0:
         z = z * inv_temp
     lse = torch.logsumexp(z, dim=-1)
+    # log_softmax, not z - lse: it subtracts the row max first, so log p of the likeliest tokens is not
+    # the difference of two numbers the size of the logits (lse carries an error of ulp(|z|)).
+    log_p = torch.log_softmax(z, dim=-1)
     kept = labels_C != ignore_index
-    logp = torch.where(kept, z.gather(1, torch.where(kept, labels_C, 0)[:, None]).squeeze(1) - lse, 0.0)
+    logp = torch.where(kept, log_p.gather(1, torch.where(kept, labels_C, 0)[:, None]).squeeze(1), 0.0)
     entropy = None
     if with_entropy:
-        log_p = z - lse[:, None]
         p = torch.exp(log_p)
         zero = p == 0  # p log p -> 0 as p -> 0: -inf logits add nothing instead of NaN
         entropy = -p.mul_(log_p).masked_fill_(zero, 0.0).sum(-1)
@@ -194,11 +196,12 @@ def _rows_forward(impl, logits_CV, labels_C, inv_temp, ignore_index, with_entrop
 
 
 def _rows_grad_(impl, logits_CV, labels_C, lse_C, entropy_C, dlogp_C, dentropy_C, inv_temp, ignore_index):
-    """Overwrite the logits chunk with d loss / d logits, with p = exp(z - lse)::
+    """Overwrite the logits chunk with d loss / d logits, with p = softmax(z)::
 
         g_v = (g_logp ([v = y] - p_v) - g_H p_v (log p_v + H)) / T
 
-    g_logp is dropped at ignored tokens; the entropy term applies to every token (``fastrl.logprobs``)."""
+    g_logp is dropped at ignored tokens; the entropy term applies to every token (``fastrl.logprobs``).
+    The Triton kernel takes p = exp(z - lse_C); the PyTorch pass recomputes log_softmax instead."""
     if impl == "triton":
         from fastrl.triton_kernels._runtime import interpreting, kernels
 
@@ -209,11 +212,11 @@ def _rows_grad_(impl, logits_CV, labels_C, lse_C, entropy_C, dlogp_C, dentropy_C
         )  # fmt: skip
         return logits_CV
     kept = labels_C != ignore_index
-    # The chunk is scratch from here on: work in place in it when it already has the accumulation dtype.
-    log_p = logits_CV.to(_acc_dtype(logits_CV.dtype))
+    z = logits_CV.to(_acc_dtype(logits_CV.dtype))
     if inv_temp != 1.0:
-        log_p.mul_(inv_temp)
-    log_p.sub_(lse_C[:, None])
+        z.mul_(inv_temp)  # in place even when z is the chunk itself: it is scratch from here on
+    log_p = torch.log_softmax(z, dim=-1)  # recomputed rather than z - lse_C: see _rows_forward
+    del z
     p = torch.exp(log_p)
     g_logp = torch.where(kept, dlogp_C, 0.0).to(p.dtype)
     if dentropy_C is not None:
@@ -369,7 +372,8 @@ def _fwd_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     temperature: float, ignore_index: int, with_entropy: bool, impl: str, chunk_size: int, recompute: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(logp, lse, entropy) fp32 [N]; entropy is empty when not asked for (ops cannot return None)."""
+    """(logp, lse, entropy) fp32 [N]; entropy is empty when not asked for (ops cannot return None).
+    With ``recompute`` lse is [2, N], an exact two-float sum (see ``fused_forward``)."""
     logp, lse, ent = _forward_impl(hidden, weight, bias, labels, temperature, ignore_index, with_entropy,
                                    impl, chunk_size, recompute)  # fmt: skip
     return logp, lse, ent if ent is not None else lse.new_empty(0)
@@ -379,7 +383,8 @@ def _fwd_op(
 def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, impl, chunk_size, recompute):
     n = hidden.shape[0]
     logp = hidden.new_empty(n, dtype=_acc_dtype(hidden.dtype))
-    return logp, torch.empty_like(logp), logp.new_empty(n if with_entropy else 0)
+    lse = logp.new_empty((2, n) if recompute else (n,))
+    return logp, lse, logp.new_empty(n if with_entropy else 0)
 
 
 @torch.library.custom_op("fastrl::linear_logprobs_bwd", mutates_args=())

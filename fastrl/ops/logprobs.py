@@ -160,6 +160,10 @@ def _torch_backward(x, grad, labels, lse, entropy, g_logp, g_h, inv_temp, ignore
             kept = lab != ignore_index
             gl = torch.where(kept, g_logp.view(A, B)[a0:a1, b0:b1].to(acc), 0.0).unsqueeze(-1)
             g = -gl * p
+            if g_h is None:
+                # As in the kernel: a row with nothing to propagate gets exactly 0, even when its logits
+                # are NaN/inf (padding), where 0 * p would be NaN and reach the weights through backward.
+                g.masked_fill_(~kept.unsqueeze(-1), 0.0)
             g.scatter_add_(-1, torch.where(kept, lab, 0).long().unsqueeze(-1), gl)
         if g_h is not None:
             h = entropy.view(A, B)[a0:a1, b0:b1].unsqueeze(-1)

@@ -139,7 +139,14 @@ class DPOStep:
 
 
 def tokenize_dpo(dataset, tokenizer, data: DataConfig) -> list[dict]:
-    require_columns(dataset, ["prompt", "chosen", "rejected"], task="DPO")
+    cols = set(dataset.column_names)
+    # a conversational dataset may carry its prompt inside chosen/rejected (an implicit prompt)
+    need = (
+        ["chosen", "rejected"]
+        if "prompt" not in cols and "chosen" in cols
+        else ["prompt", "chosen", "rejected"]
+    )
+    require_columns(dataset, need, task="DPO")
     return [
         dpo_example(tokenizer, ex, max_prompt_length=data.max_prompt_length, max_length=data.max_length)
         for ex in dataset

@@ -59,6 +59,12 @@ class GRPOConfig:
     use_engine_logprobs: bool = field(
         default=False, metadata={"help": "Correct for engine/trainer mismatch with engine log-probs (IS)."}
     )
+    log_entropy: bool = field(
+        default=True,
+        metadata={
+            "help": "Log the policy's entropy (costs a no-grad pass when old log-probs are not needed)."
+        },
+    )
     shuffle_rollouts: bool = field(default=True, metadata={"help": "Shuffle a round before splitting it."})
     chunk_size: int | None = field(default=None, metadata={"help": "Tokens per fused log-prob chunk."})
 
@@ -197,16 +203,23 @@ def _decode(d: dict) -> torch.Tensor:
 
 
 def prepare_prompts(dataset, tokenizer, data: DataConfig) -> list[dict]:
-    """Rows ``{"prompt", "prompt_ids", "columns"}``; every column but ``prompt`` goes to the rewards."""
-    require_columns(dataset, ["prompt"], task="GRPO")
-    return [
-        {
-            "prompt": ex["prompt"],
-            "prompt_ids": encode_prompt(tokenizer, ex["prompt"], data.max_prompt_length),
-            "columns": {k: v for k, v in ex.items() if k != "prompt"},
-        }
-        for ex in dataset
-    ]
+    """Rows ``{"prompt", "prompt_ids", "columns"}``: the prompt from ``data.prompt_column`` (wrapped in a
+    [system, user] chat when ``data.system_prompt`` is set); every other column goes to the rewards."""
+    col = data.prompt_column
+    require_columns(dataset, [col], task="GRPO")
+    rows = []
+    for ex in dataset:
+        prompt = ex[col]
+        if data.system_prompt is not None and isinstance(prompt, str):
+            prompt = [{"role": "system", "content": data.system_prompt}, {"role": "user", "content": prompt}]
+        rows.append(
+            {
+                "prompt": prompt,
+                "prompt_ids": encode_prompt(tokenizer, prompt, data.max_prompt_length),
+                "columns": {k: v for k, v in ex.items() if k != col},
+            }
+        )
+    return rows
 
 
 def run_grpo(

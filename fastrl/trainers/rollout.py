@@ -21,8 +21,9 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id) + 1] if eos_id in ids else list(ids)
 
 
-def completion_logps(model, mb: dict, *, temperature: float, chunk_size=None) -> torch.Tensor:
-    """[B, C] fp32 log-probs of the completion tokens under ``model`` (0 outside the completion mask)."""
+def completion_logps(model, mb: dict, *, temperature: float, chunk_size=None, entropy: bool = False):
+    """[B, C] fp32 log-probs of the completion tokens under ``model`` (0 outside the completion mask);
+    with ``entropy`` also the [B, C] entropy of each position's next-token distribution."""
     from fastrl.ops.linear_logprobs import linear_logprobs
     from fastrl.trainers.common import hidden_and_head
 
@@ -30,10 +31,18 @@ def completion_logps(model, mb: dict, *, temperature: float, chunk_size=None) ->
     C = mb["completion_ids"].shape[1]
     P = mb["input_ids"].shape[1] - C
     labels = torch.where(mb["completion_mask"] > 0, mb["completion_ids"], -100)
-    logp = linear_logprobs(
-        hidden[:, P - 1 : -1], weight, labels, bias=bias, temperature=temperature, chunk_size=chunk_size
+    out = linear_logprobs(
+        hidden[:, P - 1 : -1],
+        weight,
+        labels,
+        bias=bias,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        return_entropy=entropy,
     )
-    return torch.where(labels != -100, logp, torch.zeros_like(logp))
+    logp, ent = out if entropy else (out, None)
+    logp = torch.where(labels != -100, logp, torch.zeros_like(logp))
+    return (logp, ent) if entropy else logp
 
 
 def _split(t: torch.Tensor, perm: torch.Tensor, parts: int) -> list[torch.Tensor]:
@@ -93,18 +102,27 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
     N = len(prompt_ids)
     spg, bs = trainer.steps_per_generation, cfg.train.per_device_batch_size
     device = trainer.device
+    # Policy pass (old log-probs, and the entropy metric for free) only when needed; reference pass with beta.
+    policy_pass = trainer.need_old or g.log_entropy
+    entropy_sum = 0.0
     with torch.no_grad():
-        for key, needed in (("old_logp", trainer.need_old), ("ref_logp", trainer.ref.needed)):
+        for key, needed in (("old_logp", policy_pass), ("ref_logp", trainer.ref.needed)):
             if not needed:
                 continue
             parts = []
             for start in range(0, N, bs):
                 mb = {k: v[start : start + bs].to(device) for k, v in batch.items()}
                 if key == "old_logp":
-                    parts.append(completion_logps(trainer.model, mb, temperature=g.temperature).cpu())
+                    lp, ent = completion_logps(trainer.model, mb, temperature=g.temperature, entropy=True)
+                    entropy_sum += float((ent * mb["completion_mask"]).sum())
+                    parts.append(lp.cpu())
                 else:
                     with trainer.ref.model() as ref_model:
                         parts.append(completion_logps(ref_model, mb, temperature=g.temperature).cpu())
+            if key == "old_logp":
+                metrics["entropy"] = entropy_sum / max(float(mask.sum()), 1.0)
+                if not trainer.need_old:
+                    continue
             batch[key] = torch.cat(parts)
 
     if g.shuffle_rollouts:

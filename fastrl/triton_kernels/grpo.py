@@ -25,7 +25,7 @@ import triton.language as tl
 from fastrl.triton_kernels import _lang
 
 POLICY_IDS = {"clip": 0, "cispo": 1, "sapo": 2}
-_add = _lang.add
+_add = _lang.load().add  # tl.reduce combine function (see _lang.py)
 
 
 @triton.jit

@@ -108,9 +108,16 @@ def _fused_forward_kernel(
         s = s * alpha + tl.reduce(e, 1, _add)
         m = m_new
     log_s = tl.log(s)
-    lse = m + log_s
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(logp_ptr + rows, tl.where(labels != ignore_index, z_label - lse, 0.0), mask=row_mask)
+    # lse = m + log_s kept as the exact two-float sum hi + lo (TwoSum): log p = (z - hi) - lo then loses
+    # nothing for the likeliest tokens, where z - lse would cost an ulp of |z| (several times PyTorch's
+    # log_softmax error there at T = 0.5).
+    hi = m + log_s
+    bb = hi - m
+    lo = (m - (hi - bb)) + (log_s - bb)
+    tl.store(lse_ptr + rows, hi, mask=row_mask)
+    tl.store(lse_ptr + N + rows, lo, mask=row_mask)
+    logp = (z_label - hi) - lo
+    tl.store(logp_ptr + rows, tl.where(labels != ignore_index, logp, 0.0), mask=row_mask)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + rows, log_s - t / s, mask=row_mask)
 
@@ -132,16 +139,18 @@ def _fused_backward_kernel(
     vcol_mask = vcols < V
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (labels != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse_hi = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse_lo = tl.load(lse_ptr + N + rows, mask=row_mask, other=0.0)
     g_logp = tl.where(valid, tl.load(dlogp_ptr + rows, mask=row_mask, other=0.0), 0.0)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, vcols, row_mask, vcol_mask, H, stride_hn, stride_wv,
                      inv_temp, BLOCK_H, HAS_BIAS, INTERPRET, DOT_PRECISION)  # fmt: skip
-    p = tl.where(vcol_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
+    log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
+    p = tl.where(vcol_mask[None, :], tl.exp(log_p), 0.0)
     g = tl.where(vcols[None, :] == labels[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
     if WITH_ENTROPY:  # every row in range has an entropy, ignored or not
         g_ent = tl.load(dentropy_ptr + rows, mask=row_mask, other=0.0)
         h_ent = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
-        g -= g_ent[:, None] * p * (z - lse[:, None] + h_ent[:, None])
+        g -= g_ent[:, None] * p * (log_p + h_ent[:, None])
     # Round the logits gradient to the input dtype, as PyTorch's backward does, before the bias sum and
     # the products: a bf16 grad_bias summed from unrounded values can round to the other neighbour.
     g = _round_to(g * inv_temp, h_ptr.dtype.element_ty, INTERPRET)
@@ -194,13 +203,14 @@ def fused_forward(
     with_entropy: bool,
     interpret: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(lse, logp, entropy or None), fp32 [N], without any logits buffer. Row-contiguous inputs."""
+    """(lse, logp, entropy or None) without any logits buffer; row-contiguous inputs. logp, entropy: fp32
+    [N]; lse: fp32 [2, N], the log-sum-exp as the exact sum lse[0] + lse[1] (what fused_backward takes)."""
     N, H = hidden_NH.shape
     V = weight_VH.shape[0]
     assert hidden_NH.stride(1) == 1 and weight_VH.stride(1) == 1 and labels_N.is_contiguous()
-    lse = torch.empty(N, device=hidden_NH.device, dtype=torch.float32)
-    logp = torch.empty_like(lse)
-    entropy = torch.empty_like(lse) if with_entropy else lse
+    lse = torch.empty(2, N, device=hidden_NH.device, dtype=torch.float32)
+    logp = torch.empty(N, device=hidden_NH.device, dtype=torch.float32)
+    entropy = torch.empty_like(logp) if with_entropy else logp
     blocks = _fused_blocks(interpret, hidden_NH.dtype)
     if N:
         _fused_forward_kernel[(triton.cdiv(N, blocks["BLOCK_N"]),)](
@@ -230,8 +240,9 @@ def fused_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """fp32 (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]), each None when not asked for.
 
-    ``dentropy_N`` None drops the entropy term. The gradients are fp32 because they are summed with atomics
-    over vocabulary tiles (grad_hidden) and row tiles (grad_weight, grad_bias).
+    ``lse_N`` is fused_forward's [2, N] two-float log-sum-exp; ``dentropy_N`` None drops the entropy
+    term. The gradients are fp32 because they are summed with atomics over vocabulary tiles
+    (grad_hidden) and row tiles (grad_weight, grad_bias).
     """
     N, H = hidden_NH.shape
     V = weight_VH.shape[0]

@@ -56,9 +56,9 @@ def _teacher_forced_logp(model, prompts, completions, temperature):
 
 def _eos_when_greedy_says(model, tokenizer, completions, start):
     """Copy the lm_head row of a token greedy produced onto EOS: wherever greedy picked that token, the
-    tie now goes to EOS (argmax returns the lowest id), so greedy stops there. The token is taken from
-    the longest completion that has one at ``start`` or later, with an id above EOS's. Returns (row, position) of the
-    first place greedy now stops in that row."""
+    tie now goes to EOS (argmax returns the lowest id), so greedy stops there. The token: in the longest
+    completion that has one, the first at ``start`` or later with an id above EOS's. Returns (row,
+    position) of the first place greedy now stops in that row."""
     eos = tokenizer.eos_token_id
     rows = sorted(range(len(completions)), key=lambda i: -len(completions[i]))
     row, pos = next(

@@ -81,7 +81,8 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V", [1, 7, 1999])
-@pytest.mark.parametrize(("temperature", "entropy"), [(0.5, True), (1.0, False), (1.0, True), (2.0, False)])
+# Every temperature of the issue and both entropy settings, without the full cross product.
+@pytest.mark.parametrize(("temperature", "entropy"), [(0.5, True), (1.0, False), (2.0, True)])
 def test_matches_float64(seed, small_chunks, impl, dtype, V, temperature, entropy):
     logits, labels = make_inputs((3, 13), V, dtype)
     check_against_truth(impl, logits, labels, entropy=entropy, temperature=temperature)
@@ -96,45 +97,39 @@ def test_large_vocab(seed, impl, dtype):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_entropy_gradient_only(seed, impl):
-    """Loss on the entropy alone: the log-prob gradient is absent (not zeros) and ignored rows still get
-    their entropy gradient."""
+@pytest.mark.parametrize("which", ["entropy", "logp"])
+def test_one_output_gradient_only(seed, impl, which):
+    """A loss on one of the two returned outputs: the other's gradient is absent (not zeros). On the entropy
+    alone, ignored rows still get their entropy gradient."""
     logits, labels = make_inputs((4, 5), 37, torch.float32)
-    x = logits.clone().requires_grad_()
-    _, h = logprobs(x, labels, return_entropy=True, impl=impl)
-    g_h = torch.randn_like(h)
-    (h * g_h).sum().backward()
-    x_ref = logits.clone().requires_grad_()
-    _, h_ref = logprobs_reference(x_ref, labels, return_entropy=True)
-    (h_ref * g_h).sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    assert bool((x.grad[1].abs().sum(-1) > 0).all())  # batch row 1 is entirely ignored
-
-
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_logp_gradient_only_with_entropy_returned(seed, impl):
-    logits, labels = make_inputs((4, 5), 37, torch.float32)
-    x = logits.clone().requires_grad_()
-    logp, _ = logprobs(x, labels, return_entropy=True, impl=impl)
-    g = torch.randn_like(logp)
-    (logp * g).sum().backward()
-    x_ref = logits.clone().requires_grad_()
-    (logprobs_reference(x_ref, labels) * g).sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    g = torch.randn(4, 5)
+    grads = []
+    for fn in (logprobs, logprobs_reference):
+        x = logits.clone().requires_grad_()
+        kw = {"impl": impl} if fn is logprobs else {}
+        out = fn(x, labels, return_entropy=True, **kw)[0 if which == "logp" else 1]
+        (out * g).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    if which == "entropy":
+        assert bool((grads[0][1].abs().sum(-1) > 0).all())  # batch row 1 is entirely ignored
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_three_impls_agree(seed, small_chunks, dtype):
+    """auto is the torch impl on the CPU (bit for bit); torch and triton are each as close to the float64
+    truth as the plain reference is, outputs and gradient."""
     logits, labels = make_inputs((2, 9), 300, dtype)
     g_logp, g_h = torch.randn(2, 9), torch.randn(2, 9)
     outs = {impl: run(impl, logits, labels, g_logp, g_h) for impl in ("auto", "torch", "triton", "reference")}
-    for a, b in zip(outs["auto"], outs["torch"]):  # auto is the torch impl on the CPU
+    truth = run("reference", logits.double(), labels, g_logp.double(), g_h.double())
+    for a, b in zip(outs["auto"], outs["torch"]):
         assert torch.equal(a, b)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     for impl in ("torch", "triton"):
-        for name, a, b in zip(("logp", "entropy", "grad"), outs[impl], outs["reference"]):
-            kw = tol if name == "grad" else {"rtol": 1e-5, "atol": 1e-5}
-            torch.testing.assert_close(a, b, **kw, msg=lambda m, impl=impl, name=name: f"{impl} {name}: {m}")
+        for name, got, ref, t, dt in zip(
+            ("logp", "entropy", "grad"), outs[impl], outs["reference"], truth, (torch.float32,) * 2 + (dtype,)
+        ):
+            assert_close_to_truth(f"{impl} {name}", got, ref, t, dtype=dt)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -217,7 +212,30 @@ def test_nonfinite_rows_stay_in_their_row(seed, impl):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_torch_compile_fullgraph(seed, impl):
+@pytest.mark.parametrize("entropy", [False, True])
+def test_nonfinite_ignored_rows_get_no_logp_gradient(seed, impl, entropy):
+    """Padding rows (label ignored) may hold NaN/inf logits, e.g. from fully masked attention rows. Their
+    log-prob is 0 and, with no entropy gradient asked for, their logits gradient is exactly 0: a NaN there
+    would reach the shared weights through the backward and poison every parameter."""
+    logits, labels = make_inputs((6,), 45, torch.float32, ignore_frac=0.0)
+    logits[0, 3], logits[1] = float("nan"), float("inf")
+    labels[:2] = IGNORE
+    g_logp = torch.randn(6)
+    g_logp[0] = float("nan")  # whatever the upstream gradient of an ignored row says
+    x = logits.clone().requires_grad_()
+    out = logprobs(x, labels, return_entropy=entropy, impl=impl)
+    logp = out[0] if entropy else out
+    (logp * g_logp).sum().backward()
+    assert bool((logp[:2] == 0).all()) and bool((x.grad[:2] == 0).all())
+    clean = run(impl, logits[2:], labels[2:], g_logp[2:], None)
+    torch.testing.assert_close(logp[2:].detach(), clean[0], rtol=0, atol=0)
+    torch.testing.assert_close(x.grad[2:], clean[2], rtol=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph(seed):
+    # Tracing sees only the custom ops' fake implementations, the same for every impl; the op bodies run
+    # eagerly inside the graph. One impl is enough (triton: the one CUDA users get).
+    impl = "triton"
     logits, labels = make_inputs((2, 7), 50, torch.float32)
     g_logp, g_h = torch.randn(2, 7), torch.randn(2, 7)
 
@@ -318,4 +336,5 @@ def test_triton_cuda_inplace_and_autotune(seed, monkeypatch):
     got = run("triton", logits[:, :-1], labels, g_logp, g_h)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[2], want[2], rtol=1.6e-2, atol=1e-2)
+    # One bf16 rounding apart at most: an ulp is at most 2**-7 of the value.
+    torch.testing.assert_close(got[2], want[2], rtol=2**-7, atol=1e-6)
