@@ -27,14 +27,17 @@ pass adds about two chunk-sized fp32 temporaries; the Triton one none.
 
 grad_weight precision: with one chunk it is a single product in the weight dtype, as in PyTorch. With
 several chunks and a half-precision weight the chunk products are summed in an fp32 [V, H] accumulator
-when that is at most ``GRAD_WEIGHT_FP32_MAX_BYTES`` (1 GiB): on CUDA each chunk product goes straight
-into it (``addmm(out_dtype=float32)``), on the CPU from upcast chunk operands, so the error does not grow
-with the number of chunks. Above 1 GiB the products are added in the weight dtype (``addmm_``, one
-rounding per chunk), keeping the extra memory at the gradients plus the buffer.
+when that is at most ``GRAD_WEIGHT_FP32_MAX_BYTES`` (256 MiB; ``FASTRL_GRAD_WEIGHT_FP32_MAX_MIB``
+overrides): on CUDA each chunk product goes straight into it (``addmm(out_dtype=float32)``), on the CPU
+from upcast chunk operands, so the error does not grow with the number of chunks. Above that the products
+are added in the weight dtype (``addmm_``, one rounding per chunk, as Liger does), keeping the extra memory
+at the gradients plus the chunk buffer: at a 150k vocabulary an fp32 [V, H] accumulator alone (890 MiB at
+H=1536) would break the "gradients + 512 MiB" memory goal of ANCHORS.md.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -50,12 +53,13 @@ from fastrl.ops._common import (
 
 __all__ = [
     "LinearLogprobsGrads",
+    "default_chunk_size",
     "fused_linear_logprobs_with_grad",
     "linear_logprobs",
     "linear_logprobs_reference",
 ]
 
-GRAD_WEIGHT_FP32_MAX_BYTES = 1 << 30
+GRAD_WEIGHT_FP32_MAX_BYTES = int(os.environ.get("FASTRL_GRAD_WEIGHT_FP32_MAX_MIB", "256")) << 20
 CHUNK_BUDGET_BYTES = {"cuda": 256 << 20, "other": 32 << 20}
 
 
