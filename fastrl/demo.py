@@ -36,10 +36,10 @@ class DemoPlan:
     copy_frac: float = 0.5
     hidden_size: int = 64
     num_layers: int = 2
-    sft_steps: int = 200
+    sft_steps: int = 300
     sft_batch: int = 32
     sft_lr: float = 3e-3
-    grpo_steps: int = 150
+    grpo_steps: int = 300
     grpo_prompts: int = 16
     num_generations: int = 8
     grpo_lr: float = 3e-4

@@ -209,6 +209,8 @@ def _worker(conn, spec: dict) -> None:
         import torch
         import torch.optim.optimizer as optim_mod
 
+        torch.set_num_threads(spec["threads"])  # the parent's, so every method gets the same
+
         if not spec.get("verbose"):  # the trainers' logs would interleave with the parent's table
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
@@ -304,6 +306,7 @@ class WorkerStep:
         return {
             "extra_mib": peak,
             "tokens_per_s": tps,
+            "tokens_per_step": tokens,
             "note": f"{tps:,.0f} tokens/s; {tokens:,.0f} tokens/step; peak {peak / 1024:,.2f} GiB",
         }
 
@@ -324,6 +327,12 @@ class WorkerStep:
 
 def _method(name: str, kind: str, spec: dict, ctx: BenchContext, case_name: str, note: str = "") -> Method:
     def setup(inputs: dict[str, Any]):
+        needed = []
+        if spec["method"] == "trl":
+            needed = ["trl", "liger_kernel"] if spec["liger"] else ["trl"]
+        for module in needed:  # checked here too, so no worker starts for nothing
+            if importlib.util.find_spec(module) is None:
+                raise Skip(f"{module} not importable (pip install 'fastrl[bench]')")
         full = {**spec, "model_dir": inputs["model_dir"], "prompts": inputs["prompts"]}
         return WorkerStep(full, warmup=ctx.warmup, key=(case_name, name))
 
@@ -339,7 +348,17 @@ def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
         f"{'Qwen2-0.5B arch' if ctx.gpu_shapes else 'tiny Qwen2'} (H={m['hidden']}, L={m['layers']}, "
         f"V={m['vocab']}), {s['prompts']}x{s['generations']}, P={s['prompt_len']} C={s['completion_len']}"
     )
-    base = dict(sizes=s, device=ctx.device.type, seed=ctx.seed, compile=False, liger=False)
+    import torch
+
+    base = dict(
+        sizes=s,
+        device=ctx.device.type,
+        seed=ctx.seed,
+        compile=False,
+        liger=False,
+        threads=torch.get_num_threads(),
+        verbose=bool(os.environ.get("FASTRL_BENCH_VERBOSE")),
+    )
     liger = importlib.util.find_spec("liger_kernel") is not None
     methods = [_method("fastrl (hf engine)", "fastrl", {**base, "method": "fastrl"}, ctx, name)]
     if ctx.device.type == "cuda":

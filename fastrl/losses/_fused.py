@@ -23,22 +23,30 @@ class AttachGrads(torch.autograd.Function):
     """``AttachGrads.apply(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias)`` returns ``loss``
     unchanged; its backward hands out the gradients computed ahead of time (Liger-style: no second pass
     over the vocabulary), scaled by the incoming gradient (a scalar). ``grad_*`` have the shapes of
-    ``hidden`` / ``weight`` / ``bias`` (None where there is nothing to hand out)."""
+    ``hidden`` / ``weight`` / ``bias`` (None where there is nothing to hand out). One backward per forward.
+    """
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Attributes rather than saved tensors: backward drops this last reference before handing the
+        # gradients out, so that autograd adopts them as ``.grad`` as they are. A saved tensor would still
+        # be referenced there and autograd would copy it: a second [V, H] weight gradient at the peak.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        # The usual call is loss.backward() (grad_out == 1): hand the stored gradients over as they are
-        # rather than allocating a scaled copy of a [V, H] weight gradient.
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused loss has already handed out its gradients; run its forward again for another "
+                "backward"
+            )
+        grads, ctx.grads = ctx.grads, None
+        # The usual call is loss.backward() (grad_out == 1): the stored gradients as they are, no scaled copy.
         unit = bool(grad_out == 1)
-        grads = []
-        for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[1:4]):
-            if g is None or not needed:
-                grads.append(None)
-            else:
-                grads.append(g if unit else (g * grad_out).to(g.dtype))
-        return (None, *grads, None, None, None)
+        out = [
+            None if g is None or not needed else g if unit else (g * grad_out).to(g.dtype)
+            for g, needed in zip(grads, ctx.needs_input_grad[1:4])
+        ]
+        del grads
+        return (None, *out, None, None, None)

@@ -68,6 +68,7 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
     was_training = trainer.model.training
     trainer.model.eval()
     with torch.no_grad():
+        trainer.engine.sync_weights(trainer.model)  # the weights changed since the last round
         out = trainer.engine.generate(prompt_ids, params)
     trainer.model.train(was_training)
     trainer.generate_calls += 1

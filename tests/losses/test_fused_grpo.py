@@ -158,6 +158,32 @@ def test_frozen_weight_upstream_scale_and_no_grad(seed):
     torch.testing.assert_close(metrics["logp"], logp.detach())
 
 
+def test_weight_gradient_handed_over_without_a_copy(seed, monkeypatch):
+    """loss.backward() adopts the weight gradient computed in the forward as weight.grad itself: a copy
+    would be a second [V, H] gradient at the memory peak. A second backward raises instead of handing out
+    nothing."""
+    import fastrl.losses.fused_grpo as fused_grpo
+
+    case = make_case(3, 7, 16, 23)
+    made = {}
+    real = fused_grpo.fused_linear_logprobs_with_grad
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        made["grad_weight"] = out.grad_weight.data_ptr()
+        return out
+
+    monkeypatch.setattr(fused_grpo, "fused_linear_logprobs_with_grad", spy)
+    p = leaves(case, torch.float32)
+    loss, _ = FusedLinearGRPOLoss(loss_type="grpo")(
+        p["hidden"], p["weight"], case["labels"], case["old"], case["adv"], case["mask"], bias=p["bias"]
+    )
+    loss.backward(retain_graph=True)
+    assert p["weight"].grad.data_ptr() == made["grad_weight"]
+    with pytest.raises(RuntimeError, match="already handed out its gradients"):
+        loss.backward()
+
+
 def test_dapo_micro_batches_sum_to_full_batch(seed):
     case = make_case(6, 8, 16, 31)
     opts = {"loss_type": "dapo", "beta": 0.05, "is_mode": "token_truncate"}

@@ -19,5 +19,5 @@ def broken_reward(completions, **_):
 
 
 def partial_judge(completions, **_):
-    """No opinion (None) on completions of odd length."""
-    return [None if len(c) % 2 else 1.0 for c in completions]
+    """No opinion (None) on every third completion; the length of the others."""
+    return [None if i % 3 == 0 else float(len(c)) for i, c in enumerate(completions)]

@@ -69,14 +69,15 @@ def test_raising_reward_names_the_function():
 
 
 def test_none_and_nan_rewards():
-    fns = [resolve_reward(f"{FIX}:partial_judge"), lambda completions, **_: [float("nan"), 2.0, None, 0.5]]
+    fns = [resolve_reward(f"{FIX}:partial_judge"), lambda completions, **_: [float("nan"), 2.0, 0.5, None]]
     r = compute_rewards(
         fns, prompts=["p"] * 4, completions=["a", "bb", "c", "dd"], completion_ids=[[0]] * 4, columns={}
     )
-    assert torch.isnan(r[0]).all() and r[1].tolist() == [1.0, 2.0] and torch.isnan(r[2]).all()
+    # judge: None at 0 and 3, else the length; second function: NaN at 0, None at 3
+    assert torch.isnan(r[0]).all() and r[1].tolist() == [2.0, 2.0] and torch.isnan(r[3]).all()
     total = combine_rewards(r, [1.0, 0.5])
-    assert math.isnan(total[0]) and math.isnan(total[2])
-    assert total[1].item() == 2.0 and total[3].item() == 1.25
+    assert math.isnan(total[0]) and math.isnan(total[3])
+    assert total[1].item() == 3.0 and total[2].item() == 1.25
 
 
 def _reference_advantages(r, G, scale, eps=1e-4):
