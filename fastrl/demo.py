@@ -45,7 +45,7 @@ class DemoPlan:
     grpo_lr: float = 3e-4
     dpo_steps: int = 30
     dpo_batch: int = 16
-    dpo_lr: float = 3e-5
+    dpo_lr: float = 3e-6
 
 
 QUICK = DemoPlan(n_eval=128, sft_steps=150, grpo_steps=60, dpo_steps=15)

@@ -2,9 +2,11 @@
 and of TRL's ``GRPOTrainer`` on the same saved model, prompts, batch and lengths; tokens/s and peak memory.
 
 Setup. One random-init model is saved once (``save_tiny``) and every method loads it from that directory.
-``--gpu``: ANCHORS.md's Qwen2-0.5B architecture (V=151936, tied embeddings), bf16 weights, 2 prompts x 8
-generations, 64 prompt and 256 completion tokens; CPU: a tiny Qwen2 (H=64, 2 layers, V=4096), fp32, 2 x 8,
-32 + 64 tokens. Prompts are random 64-character strings of the character tokenizer, so exactly P tokens.
+``--gpu``: ANCHORS.md's Qwen2-0.5B architecture (V=151936, tied embeddings), fp32 weights under bf16
+autocast (TRL's default recipe, ``bf16=True``; ANCHORS.md's 10.0 GiB peak with Liger implies it: fp32
+weights, gradients and AdamW states are 7.9 GB of it), 2 prompts x 8 generations, 64 prompt and 256
+completion tokens. CPU: a tiny Qwen2 (H=64, 2 layers, V=4096), fp32, no autocast, 2 x 8, 32 + 64 tokens.
+Prompts are random strings of P characters of the character tokenizer, so exactly P tokens.
 The reward is constant; beta=0; loss ``dapo`` (TRL's default); temperature 1; lr 1e-6.
 
 Fixed lengths. TRL gets ``min_new_tokens = max_completion_length`` (its EOS logit is masked until then).
@@ -58,7 +60,7 @@ def sizes(ctx: BenchContext) -> dict[str, Any]:
 
 
 def save_model(directory: str, s: dict[str, Any], *, seed: int) -> str:
-    """Random-init Qwen2 of ``s["model"]`` with the character tokenizer, saved in HF format."""
+    """Random-init Qwen2 of ``s["model"]`` (fp32 weights) with the character tokenizer, saved in HF format."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -81,7 +83,7 @@ def save_model(directory: str, s: dict[str, Any], *, seed: int) -> str:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if s["bf16"] else torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(tok, key))
     return str(save_tiny(directory, model=model, tokenizer=tok))
@@ -140,7 +142,7 @@ def _fastrl_runner(spec: dict, reward, out_dir: str):
 
     s = spec["sizes"]
     cfg = GRPORunConfig(
-        model=ModelConfig(name_or_path=spec["model_dir"], torch_dtype="bfloat16" if s["bf16"] else "float32"),
+        model=ModelConfig(name_or_path=spec["model_dir"], torch_dtype="float32"),
         data=DataConfig(max_prompt_length=s["prompt_len"]),
         optim=OptimConfig(lr=1e-6, schedule="constant"),
         train=TrainConfig(
@@ -184,7 +186,7 @@ def _trl_runner(spec: dict, reward, out_dir: str):
         bf16=s["bf16"],
         use_cpu=spec["device"] == "cpu",
         use_liger_kernel=spec["liger"],
-        model_init_kwargs={"dtype": "bfloat16" if s["bf16"] else "float32"},
+        model_init_kwargs={"dtype": "float32"},
         logging_steps=1,
         report_to="none",
         save_strategy="no",
@@ -196,11 +198,14 @@ def _trl_runner(spec: dict, reward, out_dir: str):
     return trainer.train
 
 
+class _Stop(BaseException):  # noqa: N818 (a signal; BaseException so the trainers' handlers let it pass)
+    """Raised inside the trainer's loop when the parent has taken all the steps it wants."""
+
+
 def _wait_go(conn) -> None:
     msg = conn.recv() if conn.poll(STEP_TIMEOUT_S) else "stop"
     if msg != "go":
-        conn.close()
-        os._exit(0)  # stopped between steps: nothing to clean up that the OS does not
+        raise _Stop
 
 
 def _worker(conn, spec: dict) -> None:
@@ -249,6 +254,8 @@ def _worker(conn, spec: dict) -> None:
             _wait_go(conn)
             run()
         conn.send(("error", "the trainer finished before the benchmark stopped it"))
+    except _Stop:
+        return
     except ImportError as err:
         conn.send(("skip", f"{getattr(err, 'name', None) or err} not importable"))
     except BaseException as err:  # reported to the parent, which turns it into a "fails" row
@@ -390,7 +397,6 @@ def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
             make_inputs=make_inputs,
             methods=methods,
             measure_memory=False,  # in the worker, see the module docstring
-            floor_note="ms per whole step; memory and tokens/s from the worker process",
         )
     ]
 

@@ -243,30 +243,6 @@ def test_no_grad_frozen_weight_and_scaled_backward(seed):
     torch.testing.assert_close(hr.grad, 3.0 * want_grads[1], rtol=1e-4, atol=1e-7)
 
 
-def test_weight_gradient_handed_over_without_a_copy(seed, monkeypatch):
-    """loss.backward() adopts the weight gradient computed in the forward as weight.grad itself (a copy
-    would be a second [V, H] gradient at the memory peak)."""
-    import fastrl.ops.linear_logprobs as ll
-
-    case, yc, yr = make_case(torch.float32)
-    made = {}
-    real = ll.fused_linear_logprobs_with_grad
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        made["grad_weight"] = out.grad_weight.data_ptr()
-        return out
-
-    monkeypatch.setattr(ll, "fused_linear_logprobs_with_grad", spy)
-    W = case["weight"].clone().requires_grad_()
-    loss, _ = FusedLinearDPOLoss(beta=0.2)(
-        case["hidden_chosen"], case["hidden_rejected"], W, yc, yr,
-        ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3),
-    )  # fmt: skip
-    loss.backward()
-    assert W.grad.data_ptr() == made["grad_weight"]
-
-
 def test_reference_function_matches_truth(seed):
     """linear_dpo_reference (used by benchmarks) is the composition."""
     case, yc, yr = make_case(torch.float64)

@@ -120,3 +120,11 @@ def test_bad_sft_data(tiny_dir, tmp_path):
     cfg.sft = SFTConfig(formatting_func="not_a_spec")
     with pytest.raises(ValueError, match="formatting_func"):
         run_sft(cfg, dataset=addition_rows())
+
+
+@pytest.mark.gpu
+def test_sft_bf16_autocast_on_cuda(tiny_dir, tmp_path, seed):
+    cfg = _cfg(tiny_dir, tmp_path, max_steps=12, seed=seed, device="cuda", bf16=True)
+    losses = [r["loss"] for r in run_sft(cfg, dataset=addition_rows())["history"]]
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
