@@ -228,7 +228,9 @@ def _rows_grad_(impl, logits_CV, labels_C, lse_C, entropy_C, dlogp_C, dentropy_C
         g = log_p.add_(entropy_C[:, None]).mul_(p).masked_fill_(zero, 0.0).mul_(-dentropy_C[:, None])
         g.sub_(p.mul_(g_logp[:, None]))
     else:
-        g = p.mul_(-g_logp[:, None])
+        # masked_fill, not a multiply by zero: an ignored row with non-finite logits (a fully masked
+        # padding position) must give an exact zero, never 0 * NaN, before G^T h spreads it into grad_W.
+        g = p.mul_(-g_logp[:, None]).masked_fill_(~kept[:, None], 0.0)
     g.scatter_add_(1, torch.where(kept, labels_C, 0)[:, None], g_logp[:, None])
     if inv_temp != 1.0:
         g.mul_(inv_temp)

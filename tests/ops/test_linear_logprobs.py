@@ -351,3 +351,22 @@ def test_bad_inputs_raise_value_error():
 def test_cuda_bf16_moderate(seed, kw):
     hidden, weight, bias, labels = make_inputs((2, 1537), 512, 32003, torch.bfloat16, device="cuda")
     check_against_truth(hidden, weight, bias, labels, with_entropy=True, temperature=0.8, **kw)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_nonfinite_ignored_rows_leave_gradients_finite(impl, seed):
+    """A padding row whose logits overflow (inf, so its softmax is NaN) and whose label is ignored must
+    not poison grad_weight. (NaN hidden states would, legitimately: 0 * NaN in G^T h.)"""
+    N, H, V = 6, 8, 13
+    hidden = torch.randn(N, H)
+    hidden[2] = 1e30
+    weight = torch.randn(V, H, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    labels[2] = -100
+    h = hidden.clone().requires_grad_(True)
+    logp = linear_logprobs(h, weight, labels, impl=impl)
+    assert logp[2].item() == 0.0
+    logp.sum().backward()
+    assert torch.isfinite(weight.grad).all()
+    keep = torch.arange(N) != 2
+    assert torch.isfinite(h.grad[keep]).all()
