@@ -246,8 +246,8 @@ def plot_curves(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     curve = summary["curves"]["grpo_reward"]
     ax.plot(range(1, len(curve) + 1), curve, label="GRPO rollout reward")
-    for key, style in (("reward_before", ":"), ("reward_after", "--")):
-        ax.axhline(summary["stages"]["grpo"][key], linestyle=style, color="gray", label=f"held-out {key}")
+    for key, style, label in (("reward_before", ":", "SFT model"), ("reward_after", "--", "after GRPO")):
+        ax.axhline(summary["stages"]["grpo"][key], linestyle=style, color="gray", label=f"held-out, {label}")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward (max 2)")
     ax.legend(fontsize=8)

@@ -168,8 +168,6 @@ def _trl_runner(spec: dict, reward, out_dir: str):
     from trl import GRPOConfig, GRPOTrainer
 
     s = spec["sizes"]
-    if spec["liger"]:
-        import liger_kernel  # noqa: F401 (a clean "skipped" row when it is missing)
     args = GRPOConfig(
         output_dir=out_dir,
         max_steps=10_000,
@@ -224,12 +222,20 @@ def _worker(conn, spec: dict) -> None:
         import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
         if spec["method"] == "trl":
-            import datasets  # noqa: F401
-            import trl  # noqa: F401
-            from trl import GRPOTrainer  # noqa: F401
+            try:  # only a missing peer is a "skipped" row; any other ImportError later is a failure
+                import datasets  # noqa: F401
+                from trl import GRPOTrainer  # noqa: F401
 
+                if spec["liger"]:
+                    import liger_kernel  # noqa: F401
+            except ImportError as err:
+                conn.send(("skip", f"{getattr(err, 'name', None) or err} not importable"))
+                return
             runner_of = _trl_runner
         else:
+            import fastrl.engine.hf  # noqa: F401
+            import fastrl.losses.fused_grpo  # noqa: F401
+            import fastrl.ops.linear_logprobs  # noqa: F401
             import fastrl.trainers.grpo  # noqa: F401
 
             runner_of = _fastrl_runner
@@ -256,8 +262,6 @@ def _worker(conn, spec: dict) -> None:
         conn.send(("error", "the trainer finished before the benchmark stopped it"))
     except _Stop:
         return
-    except ImportError as err:
-        conn.send(("skip", f"{getattr(err, 'name', None) or err} not importable"))
     except BaseException as err:  # reported to the parent, which turns it into a "fails" row
         text = str(err).strip().splitlines()
         conn.send(("error", f"{type(err).__name__}: {text[0] if text else ''}"[:300]))

@@ -172,3 +172,52 @@ def test_grpo_bf16_autocast_on_cuda(tiny_dir, tmp_path, seed):
     rewards = [r["reward"] for r in out["history"]]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in out["history"])
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+
+
+class ScriptedEngine:
+    """Returns fixed completions (token ids of the tiny tokenizer) for every prompt, cycling."""
+
+    def __init__(self, completions, truncated):
+        self.completions, self.truncated = completions, truncated
+
+    def generate(self, prompt_ids, params):
+        from fastrl.engine import GenerationOutput
+
+        n = len(prompt_ids)
+        ids = [self.completions[i % len(self.completions)] for i in range(n)]
+        return GenerationOutput(
+            completion_ids=ids,
+            logprobs=[[-1.0] * len(c) for c in ids],
+            truncated=[self.truncated[i % len(self.truncated)] for i in range(n)],
+        )
+
+    def sync_weights(self, model):
+        pass
+
+
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_rollout_masks(tiny_dir, tmp_path, mask_truncated):
+    from fastrl.trainers.common import Reference, as_dataset
+    from fastrl.trainers.grpo import prepare_prompts
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=tiny_dir))
+    eos, a = tok.eos_token_id, tok.convert_tokens_to_ids("a")
+    # one stopped early (tokens after EOS must be dropped), one truncated, one stopped at the last token
+    engine = ScriptedEngine([[a, eos, a, a], [a, a, a, a], [a, a, a, eos]], [False, True, False])
+    g = GRPOConfig(
+        num_generations=3, max_completion_length=4, mask_truncated_completions=mask_truncated,
+        reward_funcs=["x"], shuffle_rollouts=False,
+    )  # fmt: skip
+    cfg = _cfg(tiny_dir, tmp_path, grpo=g, per_device_batch_size=3)
+    rows = prepare_prompts(as_dataset(prompt_rows(3)), tok, cfg.data)
+    step = GRPOStep(
+        model, Reference(model, lora=False, needed=False), tok, rows, [count_a], engine, cfg, "cpu"
+    )
+    loss, metrics = step.micro_step(0)
+    mb = step.buffer[0]
+    want = [[1, 1, 0, 0], [0 if mask_truncated else 1] * 4, [1, 1, 1, 1]]
+    assert mb["completion_mask"].tolist() == want
+    assert mb["completion_ids"][0, :2].tolist() == [a, eos]
+    assert metrics["truncated_frac"] == pytest.approx(1 / 3)
+    assert metrics["completion_length"] == pytest.approx((2 + 4 + 4) / 3)
+    assert torch.isfinite(loss)

@@ -30,14 +30,20 @@ def _cfg(tiny_dir, out, **train):
 
 
 def test_sft_loss_falls_and_exports(tiny_dir, tmp_path, seed):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=tiny_dir))
     cfg = _cfg(tiny_dir, tmp_path, max_steps=12, seed=seed, export_final=True)
-    out = run_sft(cfg, dataset=addition_rows())
+    out = run_sft(cfg, model=model, tokenizer=tok, dataset=addition_rows())
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    ids = torch.tensor([tok("3+4=7", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits)
     losses = [r["loss"] for r in out["history"]]
     assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
-    assert (tmp_path / "final" / "config.json").exists()
 
 
 def test_schedule():
