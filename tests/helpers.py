@@ -1,8 +1,10 @@
 """The comparison helper every kernel test uses.
 
-Tolerance rule (Cut Cross-Entropy's): a kernel passes when its error against a float64 truth is at most
-PyTorch's own error at the same input dtype plus a small absolute term, elementwise:
-``|truth - kernel| <= factor * |truth - torch| + atol``. A failure prints the worst indices.
+Tolerance rule (after Cut Cross-Entropy's): a kernel passes when its error against a float64 truth is at
+most PyTorch's own error at the same input dtype plus a small absolute term, elementwise:
+``|truth - kernel| <= factor * max(|truth - torch|, mean|truth - torch|) + atol``; the mean floor keeps an
+element where PyTorch happens to round exactly from demanding the same luck of the kernel. A failure prints
+the worst indices.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def assert_close_to_truth(
     factor: float = 2.0,
     atol: float | None = None,
 ) -> None:
-    """``|truth - kernel| <= factor * |truth - reference| + atol`` elementwise, with a mismatch report.
+    """``|truth - kernel| <= factor * max(|truth - reference|, mean |truth - reference|) + atol`` elementwise,
+    with a mismatch report.
 
     ``reference`` is the plain PyTorch computation at the same input dtype, so the bound is PyTorch's own
     error there; ``truth`` is a float64 computation.
@@ -34,7 +37,13 @@ def assert_close_to_truth(
     k, r, t = kernel.double(), reference.double(), truth.double()
     both_nonfinite = ~torch.isfinite(t) & (k == t)
     err = (k - t).abs()
-    bound = factor * (r - t).abs() + atol
+    # PyTorch's error at each element, floored at its mean error over the tensor: two computations with
+    # different (equally valid) rounding orders each err by about the same amount, so where PyTorch's error
+    # is accidentally ~0 at one element the pointwise bound alone would be flaky.
+    ref_err = (r - t).abs()
+    finite = torch.isfinite(ref_err)
+    typical = ref_err[finite].mean() if bool(finite.any()) else ref_err.new_zeros(())
+    bound = factor * torch.maximum(ref_err, typical) + atol
     bad = ~((err <= bound) | both_nonfinite)
     if bool(bad.any()):
         idx = bad.nonzero()[:8].tolist()

@@ -212,7 +212,7 @@ def _worker(conn, spec: dict) -> None:
         import torch
         import torch.optim.optimizer as optim_mod
 
-        torch.set_num_threads(spec["threads"])  # the parent's, so every method gets the same
+        torch.set_num_threads(spec["threads"])  # the same for every method
 
         if not spec.get("verbose"):  # the trainers' logs would interleave with the parent's table
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -367,7 +367,9 @@ def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
         seed=ctx.seed,
         compile=False,
         liger=False,
-        threads=torch.get_num_threads(),
+        # One intra-op thread on the CPU: the tiny model gains nothing from more, and on a shared machine
+        # oversubscribed threads made steps up to 10x slower and the ratios noisy.
+        threads=1 if ctx.device.type == "cpu" else torch.get_num_threads(),
         verbose=bool(os.environ.get("FASTRL_BENCH_VERBOSE")),
     )
     liger = importlib.util.find_spec("liger_kernel") is not None

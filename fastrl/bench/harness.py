@@ -226,6 +226,11 @@ def run_method(case: Case, method: Method, inputs: dict[str, Any], ctx: BenchCon
             row.extra_mib, out = extra_memory_mib(step, device)
         row.ms_all = time_step(step, device, repeats=ctx.repeats, before=before)
         row.ms = statistics.median(row.ms_all)
+        measured = getattr(step, "report", None)  # a step measured in another process (grpo_step)
+        if measured is not None:
+            got = measured()
+            row.extra_mib = got.get("extra_mib", row.extra_mib)
+            row.note = "; ".join(x for x in (row.note, got.get("note", "")) if x)
         if isinstance(out, torch.Tensor) and out.numel() == 1:
             row.loss = float(out.detach().float())
     except Skip as err:

@@ -43,3 +43,52 @@ class EpochSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._permutation()
+
+
+class ShardedSampler:
+    """This rank's disjoint share of each global batch of ``batch_size * world_size`` indices.
+
+    The global batches are those of ``EpochSampler(n, batch_size * world_size, seed=seed)``, the same on
+    every rank, so the ranks together see exactly what one process with the whole batch sees. With
+    ``lengths`` (tokens of each example) a global batch is split token-balanced
+    (``fastrl.native.partition_balanced``, ``batch_size`` examples per rank: no rank waits on a longer
+    share); without, rank ``r`` takes the ``r``-th contiguous slice. At world size 1 it is exactly the
+    ``EpochSampler``. The state (the global position) is the same on every rank.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: list[int] | None = None,
+        shuffle: bool = True,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"lengths must have one entry per example ({n}), got {len(lengths)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.rank, self.world_size, self.lengths = batch_size, rank, world_size, lengths
+        self.inner = EpochSampler(n, batch_size * world_size, seed=seed, shuffle=shuffle)
+
+    def next_batch(self) -> list[int]:
+        batch = self.inner.next_batch()
+        if self.world_size == 1:
+            return batch
+        if self.lengths is None:
+            return batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        from fastrl.native import partition_balanced
+
+        parts = partition_balanced([self.lengths[i] for i in batch], self.world_size, equal_size=True)
+        return [batch[j] for j in parts[self.rank]]  # ascending positions: the global order is kept
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

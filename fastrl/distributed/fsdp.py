@@ -5,9 +5,15 @@ after), then the root takes what is left (embeddings, final norm, lm_head). Para
 along dim 0 over the mesh; the gradients are reduce-scattered, so after ``backward`` every rank holds the
 mean gradient of its shard over the ranks' local losses. Works on CUDA with NCCL and on the CPU with gloo
 (pass ``init_device_mesh("cpu", (world,))``).
+
+The trainers shard a ``fastrl.models.policy.Policy`` (``apply_fsdp_policy``): the decoder layers as above,
+the wrapper as the root, so that the root's hooks run around the backbone *and* the fused loss, which
+reads the lm_head weight directly (see ``fastrl/models/policy.py``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -52,6 +58,70 @@ def apply_fsdp(
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
+
+
+def apply_fsdp_policy(
+    policy: nn.Module,
+    mesh: DeviceMesh | None = None,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+    root_reshard_after_forward: bool = False,
+) -> nn.Module:
+    """``fully_shard`` each decoder layer of ``policy.model``, then ``policy`` itself as the root.
+
+    ``policy`` is a ``fastrl.models.policy.Policy``; options as :func:`apply_fsdp`. The root keeps its
+    parameters (embeddings, final norm, lm_head) gathered from its forward to the end of the backward
+    unless ``root_reshard_after_forward`` (use it for a model that only runs without gradients, such as a
+    frozen reference, whose root would otherwise stay gathered). Inputs are never cast to
+    ``param_dtype``: a batch carries fp32 advantages and log-probs. Returns ``policy``.
+    """
+    from fastrl.models.policy import Policy
+
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy must be a fastrl.models.policy.Policy, got {type(policy).__name__}")
+    if is_fsdp(policy):
+        raise ValueError("policy is already FSDP-wrapped; apply_fsdp_policy once")
+    for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{name} must be a floating torch.dtype or None, got {dtype!r}")
+    mesh = default_mesh() if mesh is None else mesh
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    for layer in decoder_layers(policy.model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(policy, mesh=mesh, mp_policy=mp, reshard_after_forward=root_reshard_after_forward)
+    return policy
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """Keep every FSDP unit of ``module`` gathered once it has run, until the block ends (then reshard).
+
+    For generation: without it each decode step would all-gather every layer again. Costs the memory of
+    the unsharded model for the duration. A no-op without FSDP.
+    """
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    before = [_reshards_after_forward(m) for m in units]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m, setting in zip(units, before):
+            m.reshard()
+            m.set_reshard_after_forward(setting, recurse=False)
+
+
+def _reshards_after_forward(module: FSDPModule) -> bool:
+    group = module._get_fsdp_state()._fsdp_param_group  # torch has no public getter for the setting
+    return group is not None and group.post_forward_mesh_info is not None
+
+
+def grad_norm_value(norm) -> float:
+    """A float of the total norm ``clip_grad_norm_`` returned (a DTensor under FSDP)."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if callable(full) else norm)
 
 
 def is_fsdp(model: nn.Module) -> bool:

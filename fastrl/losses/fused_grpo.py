@@ -13,6 +13,13 @@ known, and so do sequence-level IS weights (and token-level ones without ``old_l
 from logp itself). There a first no-grad sweep computes the log-probs (``linear_logprobs``, forward only:
 one extra ``2NHV``), the sequence terms follow from it, and the one-pass sweep runs with them fixed;
 the per-token parts use the log-probs of the second sweep, which are the same numbers.
+
+``return_entropy=True`` adds the per-token entropy ``H_t = -sum_v p_v log p_v``, ``p = softmax(z_t)``, of
+the same logits ``z = (h W^T + b) / temperature`` to the metrics, taken from a sweep that runs anyway:
+the loss-only forward, else the first no-grad sweep where there is one, else the one-pass sweep. Where
+there are two sweeps the first one takes it: its row pass costs the same in either, but it runs before
+the gradient buffers exist, so the entropy's chunk-sized temporaries do not raise the one-pass sweep's
+memory peak. The GRPO loss has no entropy term, so the gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +40,11 @@ class FusedLinearGRPOLoss(nn.Module):
 
     ``config``/``**options``: as ``grpo_loss`` (a ``GRPOLossConfig`` and field overrides). ``temperature``
     divides the logits; ``chunk_size`` is the tokens per logits chunk (None: ``linear_logprobs``' rule);
-    ``impl`` as in the ops. The labels' ignore_index is -100.
+    ``impl`` as in the ops. The labels' ignore_index is -100. ``return_entropy``: also put the detached
+    per-token entropy of ``softmax(logits / temperature)`` into ``metrics["entropy"]`` ([B, T], fp32; fp64
+    for fp64 inputs), computed in a sweep over the vocabulary that runs anyway (module docstring). It
+    covers every position, ignored ones included, as ``linear_logprobs(..., return_entropy=True)`` does:
+    masking it is the caller's job.
     """
 
     def __init__(
@@ -43,18 +54,23 @@ class FusedLinearGRPOLoss(nn.Module):
         temperature: float = 1.0,
         chunk_size: int | None = None,
         impl: str = "auto",
+        return_entropy: bool = False,
         **options,
     ):
         super().__init__()
         check_fused_options(temperature, impl, chunk_size)
+        if not isinstance(return_entropy, bool):
+            raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
         self.config = make_config(config, options)
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
         self.impl = impl
+        self.return_entropy = return_entropy
 
     def extra_repr(self) -> str:
         return (
-            f"{self.config}, temperature={self.temperature}, chunk_size={self.chunk_size}, impl={self.impl!r}"
+            f"{self.config}, temperature={self.temperature}, chunk_size={self.chunk_size}, "
+            f"impl={self.impl!r}, return_entropy={self.return_entropy}"
         )
 
     def forward(
@@ -70,7 +86,8 @@ class FusedLinearGRPOLoss(nn.Module):
         ref_logp: torch.Tensor | None = None,
         engine_logp: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(loss, metrics)`` as ``grpo_loss``; ``metrics["logp"]`` is the detached fp32 [B, T] logp.
+        """``(loss, metrics)`` as ``grpo_loss``; ``metrics["logp"]`` is the detached fp32 [B, T] logp, and
+        with ``return_entropy`` ``metrics["entropy"]`` the detached fp32 [B, T] entropy (fp64 inputs: fp64).
 
         hidden_BTH [B, T, H], weight_VH [V, H], labels_BT [B, T] (-100 ignored), bias [V] or None; the
         other tensors as in ``grpo_loss``. Gradients flow to hidden, weight and bias (those requiring it).
@@ -91,39 +108,55 @@ class FusedLinearGRPOLoss(nn.Module):
         if not (torch.is_grad_enabled() and trainable):
             # Loss only: one forward sweep and the elementwise loss.
             with torch.no_grad():
-                logp = linear_logprobs(hidden_BTH, weight_VH, labels_BT, **ll_kwargs)
+                logp, entropy = self._forward_sweep(hidden_BTH, weight_VH, labels_BT, ll_kwargs)
                 loss, metrics = self._loss_and_metrics(
-                    logp, old_logp, advantages, mask, ref_logp, engine_logp
+                    logp, old_logp, advantages, mask, ref_logp, engine_logp, entropy
                 )
             return loss, metrics
 
-        logp0 = None
+        logp0 = entropy = None
         if needs_full_logp(cfg, old_logp, engine_logp):
             with torch.no_grad():  # the first sweep of the module docstring: forward only
-                logp0 = linear_logprobs(hidden_BTH, weight_VH, labels_BT, **ll_kwargs)
+                logp0, entropy = self._forward_sweep(hidden_BTH, weight_VH, labels_BT, ll_kwargs)
         # The math in the dtype of the log-probs (fp64 for fp64 inputs), as grpo_loss does.
         p = prepare_grpo(
             logp0, old_logp, advantages, mask, cfg, ref_logp=ref_logp, engine_logp=engine_logp,
             dtype=compute_dtype(hidden_BTH),
         )  # fmt: skip
         hidden_NH = hidden_BTH.reshape(B * T, H)
+        # The entropy comes from this sweep only when there was no first one (module docstring).
+        with_entropy = self.return_entropy and entropy is None
         res = fused_linear_logprobs_with_grad(
-            hidden_NH, weight_VH, labels_BT.reshape(B * T), _chunk_grad_fn(p, B, T), **ll_kwargs
-        )
+            hidden_NH, weight_VH, labels_BT.reshape(B * T), _chunk_grad_fn(p, B, T),
+            with_entropy=with_entropy, **ll_kwargs,
+        )  # fmt: skip
         logp = res.logp.view(B, T)
+        if with_entropy:
+            entropy = res.entropy.view(B, T)
         with torch.no_grad():
-            loss, metrics = self._loss_and_metrics(logp, old_logp, advantages, mask, ref_logp, engine_logp)
+            loss, metrics = self._loss_and_metrics(
+                logp, old_logp, advantages, mask, ref_logp, engine_logp, entropy
+            )
         loss = AttachGrads.apply(
             loss, hidden_NH, weight_VH, bias, res.grad_hidden, res.grad_weight, res.grad_bias
         )
         return loss, metrics
 
-    def _loss_and_metrics(self, logp, old_logp, advantages, mask, ref_logp, engine_logp):
+    def _forward_sweep(self, hidden_BTH, weight_VH, labels_BT, ll_kwargs):
+        """(logp, entropy or None) [B, T] from one forward-only sweep; entropy when ``return_entropy``."""
+        out = linear_logprobs(
+            hidden_BTH, weight_VH, labels_BT, return_entropy=self.return_entropy, **ll_kwargs
+        )
+        return out if self.return_entropy else (out, None)
+
+    def _loss_and_metrics(self, logp, old_logp, advantages, mask, ref_logp, engine_logp, entropy):
         loss, metrics = grpo_loss(
             logp, old_logp, advantages, mask, ref_logp=ref_logp, engine_logp=engine_logp, config=self.config,
             impl="torch",
         )  # fmt: skip
         metrics["logp"] = logp.detach()
+        if entropy is not None:
+            metrics["entropy"] = entropy.detach()
         return loss, metrics
 
 

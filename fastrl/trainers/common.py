@@ -1,6 +1,11 @@
-"""What the three trainers share besides the loop: the policy and its reference, per-token log-probs from
-the backbone's hidden states (the lm_head is applied only inside the fused log-prob op, never as full
-logits), and batch movement."""
+"""What the three trainers share besides the loop: the policy and its reference, their wrapping for
+activation checkpointing and FSDP2 (``parallelize``), per-token log-probs from the backbone's hidden
+states (the lm_head is applied only inside the fused log-prob op, never as full logits), and batch
+movement.
+
+Every forward goes through a ``fastrl.models.policy.Policy`` (``policy(head_fn, batch)``), the module FSDP
+shards as its root; functions here accept a bare model too and wrap it on the fly (no FSDP, same numbers).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from fastrl.models import (
     backbone_hidden,
     lm_head_params,
 )
+from fastrl.models.policy import Policy, as_policy
 
 
 def seed_everything(seed: int) -> None:
@@ -28,10 +34,11 @@ def seed_everything(seed: int) -> None:
 class Reference:
     """The reference policy: the policy with its LoRA adapter disabled, a frozen copy of the initial
     policy otherwise, or nothing. ``with ref.model() as m:`` gives the module to run in eval mode and
-    under ``no_grad``."""
+    under ``no_grad`` (a ``Policy`` once ``parallelize`` has run)."""
 
     def __init__(self, policy: torch.nn.Module, *, lora: bool, needed: bool):
         self.policy, self.lora, self.needed = policy, lora, needed
+        self.wrapper: Policy | None = None  # the (sharded) policy wrapper, set by ``parallelize``
         self.frozen = None
         if needed and not lora:
             self.frozen = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -47,7 +54,7 @@ class Reference:
         self.policy.eval()
         try:
             with torch.no_grad(), adapter_disabled(self.policy):
-                yield self.policy
+                yield self.wrapper if self.wrapper is not None else self.policy
         finally:
             self.policy.train(was_training)
 
@@ -81,12 +88,43 @@ def setup_policy(
     return model, tokenizer, Reference(model, lora=lora_cfg.enabled, needed=need_reference)
 
 
+def parallelize(model, ref: Reference, train_cfg, device: torch.device, *, fsdp: bool) -> Policy:
+    """The ``Policy`` the trainer runs: ``train.activation_checkpointing`` applied to ``model``, then, with
+    ``fsdp``, FSDP2 over all ranks (each decoder layer, then the wrapper as the root). A frozen reference
+    is sharded the same way (regathered per forward: it never runs a backward)."""
+    from fastrl.distributed.activation_checkpoint import apply_ac
+
+    apply_ac(model, train_cfg.activation_checkpointing)
+    policy = Policy(model)
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from fastrl.distributed.env import dist_info
+        from fastrl.distributed.fsdp import apply_fsdp_policy
+
+        mesh = init_device_mesh(device.type, (dist_info().world_size,))
+        apply_fsdp_policy(policy, mesh)
+        if ref.frozen is not None:
+            ref.frozen = apply_fsdp_policy(Policy(ref.frozen), mesh, root_reshard_after_forward=True)
+    ref.wrapper = policy
+    return policy
+
+
+def global_mean_count(count: torch.Tensor) -> torch.Tensor:
+    """``count`` summed over ranks, divided by the world size: the normaliser that makes FSDP's mean of
+    the ranks' gradients the gradient of the global batch (fp32). ``count`` itself at world size 1."""
+    from fastrl.distributed.env import all_reduce_mean, is_distributed
+
+    return all_reduce_mean(count.double()).float() if is_distributed() else count
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def hidden_and_head(model, batch: dict):
-    """(hidden_BTH, weight_VH, bias_V or None) of a collated batch."""
+    """(hidden_BTH, weight_VH, bias_V or None) of a collated batch. Not for FSDP-sharded models (the
+    head would stay sharded): there, compute inside ``Policy.forward``."""
     hidden = backbone_hidden(
         model,
         batch["input_ids"],
@@ -99,16 +137,18 @@ def hidden_and_head(model, batch: dict):
 
 def token_logps(model, batch: dict, *, temperature: float = 1.0, chunk_size: int | None = None):
     """(logp [B, T-1] fp32, mask [B, T-1] bool): log-prob of each next token ``labels[:, 1:]`` given the
-    prefix, 0 where the label is -100 (mask False)."""
+    prefix, 0 where the label is -100 (mask False). ``model``: a ``Policy`` or a bare model."""
     from fastrl.ops.linear_logprobs import linear_logprobs
 
-    hidden, weight, bias = hidden_and_head(model, batch)
-    labels = batch["labels"][:, 1:]
-    logp = linear_logprobs(
-        hidden[:, :-1], weight, labels, bias=bias, temperature=temperature, chunk_size=chunk_size
-    )
-    mask = labels != -100
-    return torch.where(mask, logp, torch.zeros_like(logp)), mask
+    def head(hidden, weight, bias, batch):
+        labels = batch["labels"][:, 1:]
+        logp = linear_logprobs(
+            hidden[:, :-1], weight, labels, bias=bias, temperature=temperature, chunk_size=chunk_size
+        )
+        mask = labels != -100
+        return torch.where(mask, logp, torch.zeros_like(logp)), mask
+
+    return as_policy(model)(head, batch)
 
 
 def as_dataset(dataset):

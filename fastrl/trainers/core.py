@@ -11,6 +11,12 @@ exported in Hugging Face format to ``output_dir/final``.
 Schedule: ``lr(s) = lr * s / warmup_steps`` for ``s < warmup_steps``; afterwards ``lr`` (constant) or
 ``lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)`` with ``p = (s - warmup) / (max_steps - warmup)`` and
 ``m = min_lr_ratio`` (cosine).
+
+Data parallelism (``torchrun``: ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``): the trainers shard the policy
+with FSDP2 (``train.fsdp``, on by default when ``WORLD_SIZE > 1``; gloo on the CPU, NCCL on GPUs), each
+rank draws a disjoint share of every global batch, and losses are normalised so that FSDP's mean over
+ranks of the gradients is the gradient of the global batch. The logged metrics are means over ranks;
+checkpoints and the export are collective (every rank calls them, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -71,8 +77,20 @@ class TrainConfig:
         default="", metadata={"help": "'' (fresh run), 'auto' (latest in output_dir, if any) or a path."}
     )
     export_final: bool = field(default=True, metadata={"help": "Export output_dir/final in HF format."})
+    fsdp: bool | None = field(
+        default=None, metadata={"help": "Shard the policy with FSDP2 (None: on when WORLD_SIZE > 1)."}
+    )
+    activation_checkpointing: str = field(
+        default="none",
+        metadata={"help": "Recompute decoder layers in backward: 'none', 'selective' (every 2nd) or 'full'."},
+    )
 
     def __post_init__(self):
+        from fastrl.distributed.activation_checkpoint import AC_MODES
+
+        if self.activation_checkpointing not in AC_MODES:
+            got = self.activation_checkpointing
+            raise ValueError(f"train.activation_checkpointing must be one of {AC_MODES}, got {got!r}")
         for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -92,6 +110,26 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def setup_distributed(train_cfg: TrainConfig) -> tuple[torch.device, bool]:
+    """(device, fsdp): join the process group ``torchrun`` describes (gloo for the CPU, NCCL for CUDA,
+    each rank on GPU ``LOCAL_RANK``) and resolve ``train.fsdp``. A no-op at world size 1."""
+    from fastrl.distributed.env import dist_info, init_distributed
+
+    info = dist_info()
+    device = resolve_device(train_cfg.device)
+    fsdp = train_cfg.fsdp if train_cfg.fsdp is not None else info.world_size > 1
+    if info.world_size == 1:
+        if fsdp:
+            raise ValueError("train.fsdp needs several processes (launch with torchrun, WORLD_SIZE > 1)")
+        return device, False
+    if not fsdp:
+        raise ValueError("WORLD_SIZE > 1 needs train.fsdp (FSDP2 is the only data-parallel wrapper)")
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
+    return device, True
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -163,7 +201,8 @@ def train(
         rotate_checkpoints,
         save_checkpoint,
     )
-    from fastrl.distributed.env import dist_info
+    from fastrl.distributed.env import all_reduce_dict_mean, dist_info
+    from fastrl.distributed.fsdp import grad_norm_value
 
     is_main = dist_info().rank == 0
     out = Path(train_cfg.output_dir)
@@ -221,11 +260,12 @@ def train(
 
         for key, vals in sums.items():
             window[key].append(sum(vals) / len(vals))
-        window["grad_norm"].append(float(grad_norm))
+        window["grad_norm"].append(grad_norm_value(grad_norm))
         bar.update(1)
         bar.set_postfix({k: f"{window[k][-1]:.4g}" for k in ("loss", "reward") if k in window})
         if (s + 1) % train_cfg.logging_steps == 0 or s + 1 == train_cfg.max_steps:
-            record = {"step": s + 1, "lr": lr, **{k: sum(v) / len(v) for k, v in window.items()}}
+            means = all_reduce_dict_mean({k: sum(v) / len(v) for k, v in window.items()})  # collective
+            record = {"step": s + 1, "lr": lr, **means}
             record["elapsed_s"] = time.perf_counter() - t0
             history.append(record)
             log.write(record)
@@ -242,6 +282,6 @@ def train(
             if train_cfg.save_total_limit is not None:
                 rotate_checkpoints(out, train_cfg.save_total_limit)
     bar.close()
-    if train_cfg.export_final and is_main:
+    if train_cfg.export_final:  # collective under FSDP: every rank calls, rank 0 writes
         export_hf(model, tokenizer, out / "final")
     return {**(history[-1] if history else {}), "history": history}

@@ -1,7 +1,10 @@
 """Direct preference optimisation: chosen and rejected sequences in one forward (2B rows, padded to one
 length on either side), the policy's hidden states into ``FusedLinearDPOLoss`` (any ``loss_type`` of
 ``fastrl.losses.dpo``, LD-DPO's ``ld_alpha``), the reference's sequence log-probs computed on the fly under
-``no_grad`` or once before training (``precompute_ref_log_probs``)."""
+``no_grad`` or once before training (``precompute_ref_log_probs``).
+
+Data parallel: each rank takes a token-balanced share of the global micro-batch of pairs; the losses are
+means over pairs, so FSDP's mean over ranks (equal pair counts) is the global batch's loss."""
 
 from __future__ import annotations
 
@@ -9,17 +12,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrl.data import DataConfig, EpochSampler, collate_dpo, dpo_example, load_data, require_columns
+from fastrl.data import DataConfig, collate_dpo, dpo_example, load_data, require_columns
+from fastrl.data.sampler import ShardedSampler
+from fastrl.distributed.env import dist_info
 from fastrl.models import LoraConfig, ModelConfig
+from fastrl.models.policy import as_policy
 from fastrl.trainers.common import (
     as_dataset,
-    hidden_and_head,
+    parallelize,
     seed_everything,
     setup_policy,
     to_device,
     token_logps,
 )
-from fastrl.trainers.core import OptimConfig, TrainConfig, resolve_device, train
+from fastrl.trainers.core import OptimConfig, TrainConfig, setup_distributed, train
 
 
 @dataclass(kw_only=True)
@@ -69,7 +75,7 @@ class DPOStep:
     def __init__(self, model, ref, tokenizer, examples: list[dict], cfg: DPORunConfig, device):
         from fastrl.losses.fused_dpo import FusedLinearDPOLoss
 
-        self.model, self.ref, self.cfg, self.device = model, ref, cfg, device
+        self.policy, self.ref, self.cfg, self.device = as_policy(model), ref, cfg, device
         self.pad_id = tokenizer.pad_token_id
         self.examples = examples
         d = cfg.dpo
@@ -81,7 +87,17 @@ class DPOStep:
             chunk_size=d.chunk_size,
             **d.loss_options,
         )
-        self.sampler = EpochSampler(len(examples), cfg.train.per_device_batch_size, seed=cfg.train.seed)
+        info = dist_info()
+        self.sampler = ShardedSampler(
+            len(examples),
+            cfg.train.per_device_batch_size,
+            seed=cfg.train.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            lengths=[
+                2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples
+            ],
+        )
         if d.precompute_ref_log_probs:
             self.precompute()
 
@@ -101,6 +117,8 @@ class DPOStep:
             )
 
     def precompute(self) -> None:
+        # Every rank computes every example: under FSDP each forward is a collective, so all ranks must
+        # run the same number of them.
         bs = self.cfg.train.per_device_batch_size
         for start in range(0, len(self.examples), bs):
             exs = self.examples[start : start + bs]
@@ -117,19 +135,21 @@ class DPOStep:
             rr = torch.tensor([e["ref_rejected"] for e in exs], device=self.device)
         else:
             rc, rr = self.reference_logps(batch, B)
-        hidden, weight, bias = hidden_and_head(self.model, batch)
-        hidden, labels = hidden[:, :-1], batch["labels"][:, 1:]
-        loss, metrics = self.loss_fn(
-            hidden[:B],
-            hidden[B:],
-            weight,
-            labels[:B],
-            labels[B:],
-            bias=bias,
-            ref_chosen_logps=rc,
-            ref_rejected_logps=rr,
-        )
-        return loss, metrics
+
+        def head(hidden, weight, bias, batch):
+            hidden, labels = hidden[:, :-1], batch["labels"][:, 1:]
+            return self.loss_fn(
+                hidden[:B],
+                hidden[B:],
+                weight,
+                labels[:B],
+                labels[B:],
+                bias=bias,
+                ref_chosen_logps=rc,
+                ref_rejected_logps=rr,
+            )
+
+        return self.policy(head, batch)
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
@@ -157,13 +177,14 @@ def run_dpo(cfg: DPORunConfig, *, model=None, tokenizer=None, dataset=None) -> d
     """Train with DPO; returns the final metrics record (plus ``history``). ``model``, ``tokenizer`` and
     ``dataset`` may be given in memory instead of by name."""
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device, fsdp = setup_distributed(cfg.train)
     model, tokenizer, ref = setup_policy(
         cfg.model, cfg.lora, device, need_reference=True, model=model, tokenizer=tokenizer
     )
+    policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
     dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     examples = tokenize_dpo(dataset, tokenizer, cfg.data)
-    step = DPOStep(model, ref, tokenizer, examples, cfg, device)
+    step = DPOStep(policy, ref, tokenizer, examples, cfg, device)
     if cfg.dpo.precompute_ref_log_probs:
         ref.frozen = None  # the frozen copy is no longer needed: free its memory
     return train(

@@ -8,6 +8,12 @@ micro-steps consume in order, ``num_iterations`` times over. Old log-probs are c
 when some of those micro-steps run after an optimizer step (``gradient_accumulation_steps`` is not a
 multiple of the round length); otherwise the policy is unchanged and the ratio is exactly 1 at
 ``old_logp = logp.detach()``.
+
+Data parallel: ``generation_batch_size`` counts the completions of one rank. Each rank takes a disjoint
+slice of every global draw of prompts and generates for it; rewards are gathered so advantages are those
+of the global batch (exactly as one process would compute them), and dapo/cispo normalise by the global
+completion-token count divided by the world size, so FSDP's mean over ranks of the gradients is the
+global batch's.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrl.data import DataConfig, EpochSampler, encode_prompt, load_data, require_columns
+from fastrl.data import DataConfig, encode_prompt, load_data, require_columns
+from fastrl.data.sampler import ShardedSampler
+from fastrl.distributed.env import dist_info
 from fastrl.engine import EngineConfig, build_engine
 from fastrl.losses.grpo_config import GRPOLossConfig
 from fastrl.models import LoraConfig, ModelConfig
+from fastrl.models.policy import as_policy
 from fastrl.rewards import SCALE_REWARDS, resolve_reward
-from fastrl.trainers.common import as_dataset, hidden_and_head, seed_everything, setup_policy, to_device
-from fastrl.trainers.core import OptimConfig, TrainConfig, resolve_device, train
+from fastrl.trainers.common import as_dataset, parallelize, seed_everything, setup_policy, to_device
+from fastrl.trainers.core import OptimConfig, TrainConfig, setup_distributed, train
 from fastrl.trainers.rollout import make_rollout
 
 
@@ -34,7 +43,7 @@ class GRPOConfig:
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (the group size)."})
     generation_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Completions per generation round (None: batch size x steps_per_gen)."},
+        metadata={"help": "Completions per generation round and rank (None: batch size x steps_per_gen)."},
     )
     steps_per_generation: int | None = field(
         default=None, metadata={"help": "Micro-batches per generation round (None: gradient accumulation)."}
@@ -124,7 +133,8 @@ class GRPOStep:
     def __init__(self, model, ref, tokenizer, rows, reward_funcs, engine, cfg: GRPORunConfig, device):
         from fastrl.losses.fused_grpo import FusedLinearGRPOLoss
 
-        self.model, self.ref, self.tokenizer, self.rows = model, ref, tokenizer, rows
+        self.policy = as_policy(model)  # every forward goes through it (the FSDP root when sharded)
+        self.model, self.ref, self.tokenizer, self.rows = self.policy.model, ref, tokenizer, rows
         self.engine, self.cfg, self.device = engine, cfg, device
         self.reward_funcs = reward_funcs
         weights = cfg.grpo.reward_weights
@@ -143,7 +153,14 @@ class GRPOStep:
         self.loss_fn = FusedLinearGRPOLoss(
             loss_cfg, temperature=cfg.grpo.temperature, chunk_size=cfg.grpo.chunk_size
         )
-        self.sampler = EpochSampler(len(rows), gbs // cfg.grpo.num_generations, seed=cfg.train.seed)
+        info = dist_info()
+        self.sampler = ShardedSampler(
+            len(rows),
+            gbs // cfg.grpo.num_generations,
+            seed=cfg.train.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
         self.buffer: list[dict] = []
         self.round_metrics: dict[str, float] = {}
         self.generate_calls = 0
@@ -153,37 +170,58 @@ class GRPOStep:
             rows = [self.rows[i] for i in self.sampler.next_batch()]
             self.buffer, self.round_metrics = make_rollout(self, rows, index // self.cycle)
         mb = to_device(self.buffer[index % self.steps_per_generation], self.device)
-        hidden, weight, bias = hidden_and_head(self.model, mb)
-        C = mb["completion_ids"].shape[1]
-        P = mb["input_ids"].shape[1] - C
-        mask = mb["completion_mask"]
-        labels = torch.where(mask > 0, mb["completion_ids"], -100)
         loss_fn = self.loss_fn
         if self.loss_cfg.loss_type in ("dapo", "cispo") and self.loss_cfg.num_items_in_batch is None:
             loss_fn.config = dataclasses.replace(self.loss_cfg, num_items_in_batch=float(mb["num_items"]))
-        loss, metrics = loss_fn(
-            hidden[:, P - 1 : -1],
-            weight,
-            labels,
-            mb.get("old_logp"),
-            mb["advantages"],
-            mask,
-            bias=bias,
-            ref_logp=mb.get("ref_logp"),
-            engine_logp=mb.get("engine_logp"),
-        )
+
+        def head(hidden, weight, bias, mb):
+            C = mb["completion_ids"].shape[1]
+            P = mb["input_ids"].shape[1] - C
+            mask = mb["completion_mask"]
+            labels = torch.where(mask > 0, mb["completion_ids"], -100)
+            return loss_fn(
+                hidden[:, P - 1 : -1],
+                weight,
+                labels,
+                mb.get("old_logp"),
+                mb["advantages"],
+                mask,
+                bias=bias,
+                ref_logp=mb.get("ref_logp"),
+                engine_logp=mb.get("engine_logp"),
+            )
+
+        loss, metrics = self.policy(head, mb)
         metrics = {k: v for k, v in metrics.items() if k != "logp" and torch.as_tensor(v).numel() == 1}
         return loss, {**self.round_metrics, **metrics}
 
     def state_dict(self) -> dict:
-        return {
-            "sampler": self.sampler.state_dict(),
+        """The sampler, and the round in use; collective under a process group (each rank has its own
+        round: rank 0 writes them all, under ``ranks``)."""
+        own = {
             "buffer": [{k: _encode(v) for k, v in mb.items()} for mb in self.buffer],
             "round_metrics": self.round_metrics,
         }
+        state = {"sampler": self.sampler.state_dict()}
+        info = dist_info()
+        if info.world_size == 1:
+            return {**state, **own}
+        import torch.distributed as dist
+
+        ranks: list = [None] * info.world_size
+        dist.all_gather_object(ranks, own)
+        return {**state, "ranks": ranks}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        if "ranks" in state:
+            ranks = state["ranks"]
+            if len(ranks) != dist_info().world_size:
+                raise ValueError(
+                    f"the checkpoint holds the rollouts of {len(ranks)} ranks; resume on as many "
+                    f"(WORLD_SIZE is {dist_info().world_size})"
+                )
+            state = ranks[dist_info().rank]
         self.buffer = [{k: _decode(v) for k, v in mb.items()} for mb in state["buffer"]]
         self.round_metrics = state["round_metrics"]
 
@@ -229,7 +267,7 @@ def run_grpo(
     ``dataset``, ``reward_funcs`` (callables, replacing ``grpo.reward_funcs``) and ``engine`` may be given
     in memory."""
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device, fsdp = setup_distributed(cfg.train)
     funcs = (
         list(reward_funcs) if reward_funcs is not None else [resolve_reward(r) for r in cfg.grpo.reward_funcs]
     )
@@ -238,11 +276,17 @@ def run_grpo(
     model, tokenizer, ref = setup_policy(
         cfg.model, cfg.lora, device, need_reference=cfg.loss.beta != 0, model=model, tokenizer=tokenizer
     )
+    if fsdp and cfg.engine.kind != "hf" and engine is None:
+        raise ValueError(
+            f"engine.kind must be 'hf' under train.fsdp (no weight sync of a sharded model to "
+            f"{cfg.engine.kind!r}), got {cfg.engine.kind!r}"
+        )
+    policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
     dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     rows = prepare_prompts(dataset, tokenizer, cfg.data)
     if engine is None:
         engine = build_engine(cfg.engine, model, tokenizer)
-    step = GRPOStep(model, ref, tokenizer, rows, funcs, engine, cfg, device)
+    step = GRPOStep(policy, ref, tokenizer, rows, funcs, engine, cfg, device)
     out = train(
         step,
         model=model,

@@ -22,27 +22,43 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
 
 
 def completion_logps(model, mb: dict, *, temperature: float, chunk_size=None, entropy: bool = False):
-    """[B, C] fp32 log-probs of the completion tokens under ``model`` (0 outside the completion mask);
-    with ``entropy`` also the [B, C] entropy of each position's next-token distribution."""
+    """[B, C] fp32 log-probs of the completion tokens under ``model`` (a ``Policy`` or a bare model; 0
+    outside the completion mask); with ``entropy`` also the [B, C] entropy of each position's next-token
+    distribution."""
+    from fastrl.models.policy import as_policy
     from fastrl.ops.linear_logprobs import linear_logprobs
-    from fastrl.trainers.common import hidden_and_head
 
-    hidden, weight, bias = hidden_and_head(model, mb)
     C = mb["completion_ids"].shape[1]
     P = mb["input_ids"].shape[1] - C
     labels = torch.where(mb["completion_mask"] > 0, mb["completion_ids"], -100)
-    out = linear_logprobs(
-        hidden[:, P - 1 : -1],
-        weight,
-        labels,
-        bias=bias,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        return_entropy=entropy,
-    )
+
+    def head(hidden, weight, bias, mb):
+        return linear_logprobs(
+            hidden[:, P - 1 : -1],
+            weight,
+            labels,
+            bias=bias,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            return_entropy=entropy,
+        )
+
+    out = as_policy(model)(head, mb)
     logp, ent = out if entropy else (out, None)
     logp = torch.where(labels != -100, logp, torch.zeros_like(logp))
     return (logp, ent) if entropy else logp
+
+
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of a CPU tensor of the same shape on every rank."""
+    import torch.distributed as dist
+
+    from fastrl.distributed.env import dist_info
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    parts = [torch.empty_like(t, device=device) for _ in range(dist_info().world_size)]
+    dist.all_gather(parts, t.to(device).contiguous())
+    return torch.cat(parts).to(t.device)
 
 
 def _split(t: torch.Tensor, perm: torch.Tensor, parts: int) -> list[torch.Tensor]:
@@ -52,8 +68,13 @@ def _split(t: torch.Tensor, perm: torch.Tensor, parts: int) -> list[torch.Tensor
 def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict], dict[str, float]]:
     """Generate ``num_generations`` completions per row of ``rows`` and turn them into
     ``steps_per_generation`` micro-batches (dicts of CPU tensors) plus this round's metrics.
-    ``trainer`` is the ``GRPOStep``."""
+    ``trainer`` is the ``GRPOStep``. Under a process group each rank generates for its own ``rows``;
+    rewards are gathered so that the advantages are the global batch's."""
+    from fastrl.distributed.env import all_reduce_mean, dist_info, is_distributed
+    from fastrl.distributed.fsdp import gathered
     from fastrl.engine import SamplingParams
+
+    info = dist_info()
 
     cfg, g = trainer.cfg, trainer.cfg.grpo
     tok, G = trainer.tokenizer, g.num_generations
@@ -63,13 +84,16 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
         temperature=g.temperature,
         top_p=g.top_p,
         top_k=g.top_k,
-        seed=cfg.train.seed * 1_000_003 + generation,
+        seed=cfg.train.seed * 1_000_003 + generation + 7919 * info.rank,
     )
     was_training = trainer.model.training
     trainer.model.eval()
-    with torch.no_grad():
+    # Generation runs inside the policy's forward (FSDP's root gathers the embeddings and lm_head), with
+    # every layer kept gathered for the round: one all-gather per layer, however many decode steps each
+    # rank takes, so ranks that stop early cannot desynchronise the collectives.
+    with torch.no_grad(), gathered(trainer.policy):
         trainer.engine.sync_weights(trainer.model)  # the weights changed since the last round
-        out = trainer.engine.generate(prompt_ids, params)
+        out = trainer.policy.run(lambda _: trainer.engine.generate(prompt_ids, params))
     trainer.model.train(was_training)
     trainer.generate_calls += 1
 
@@ -84,7 +108,12 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
         columns=columns,
     )
     rewards_N = combine_rewards(rewards_NF, trainer.reward_weights)
+    if is_distributed():  # every rank holds the same number of whole groups
+        rewards_NF, rewards_N = _all_gather(rewards_NF), _all_gather(rewards_N)
     adv_N, metrics = group_advantages(rewards_N, G, scale_rewards=g.scale_rewards)
+    if is_distributed():
+        n = len(prompt_ids)
+        adv_N = adv_N[info.rank * n : (info.rank + 1) * n]
 
     batch = collate_prompt_completion(prompt_ids, completions, tok.pad_token_id)
     mask = batch["completion_mask"].float()
@@ -114,7 +143,7 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
             for start in range(0, N, bs):
                 mb = {k: v[start : start + bs].to(device) for k, v in batch.items()}
                 if key == "old_logp":
-                    lp, ent = completion_logps(trainer.model, mb, temperature=g.temperature, entropy=True)
+                    lp, ent = completion_logps(trainer.policy, mb, temperature=g.temperature, entropy=True)
                     entropy_sum += float((ent * mb["completion_mask"]).sum())
                     parts.append(lp.cpu())
                 else:
@@ -132,7 +161,9 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
         perm = torch.arange(N)
     # dapo/cispo normalise by the completion tokens of the whole generation batch; the loop divides each
     # micro-step by gradient_accumulation_steps, so each micro-step is normalised by tokens / spg.
-    items = max(float(mask.sum()), 1.0) / spg
+    # Under a process group: the global count divided by the world size (FSDP averages the ranks' gradients).
+    total = float(mask.sum())
+    items = max(all_reduce_mean(total) if is_distributed() else total, 1.0) / spg
     micro = [dict(zip(batch, vals)) for vals in zip(*(_split(v, perm, spg) for v in batch.values()))]
     for mb in micro:
         mb["num_items"] = torch.tensor(items)

@@ -1,15 +1,28 @@
 """Supervised fine-tuning: ``loss = -mean_t log p(y_t | y_<t)`` over the loss tokens of a micro-batch
 (completion tokens with ``completion_only_loss``, assistant turns with ``assistant_only_loss``, every
-token of plain text), computed from hidden states by the fused linear log-prob op."""
+token of plain text), computed from hidden states by the fused linear log-prob op.
+
+Data parallel: each rank takes a token-balanced share of the global micro-batch and divides its summed
+log-probs by (global loss tokens / world size), so FSDP's mean over ranks is the global batch's loss."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastrl.data import DataConfig, EpochSampler, collate_lm, collate_packed, load_data, sft_example
+from fastrl.data import DataConfig, collate_lm, collate_packed, load_data, sft_example
+from fastrl.data.sampler import ShardedSampler
+from fastrl.distributed.env import dist_info
 from fastrl.models import LoraConfig, ModelConfig
-from fastrl.trainers.common import as_dataset, setup_policy, to_device, token_logps
-from fastrl.trainers.core import OptimConfig, TrainConfig, resolve_device, train
+from fastrl.models.policy import as_policy
+from fastrl.trainers.common import (
+    as_dataset,
+    global_mean_count,
+    parallelize,
+    setup_policy,
+    to_device,
+    token_logps,
+)
+from fastrl.trainers.core import OptimConfig, TrainConfig, setup_distributed, train
 
 
 @dataclass(kw_only=True)
@@ -80,10 +93,11 @@ def tokenize_sft(dataset, tokenizer, data: DataConfig, sft: SFTConfig) -> list[d
 
 
 class SFTStep:
-    """Draws micro-batches from the examples (or packs) in a resumable seeded order."""
+    """Draws micro-batches from the examples (or packs) in a resumable seeded order (this rank's share).
+    ``model``: a ``Policy`` (possibly FSDP-sharded) or a bare model."""
 
     def __init__(self, model, tokenizer, examples: list[dict], cfg: SFTRunConfig, device):
-        self.model, self.device, self.cfg = model, device, cfg
+        self.policy, self.device, self.cfg = as_policy(model), device, cfg
         self.pad_id = tokenizer.pad_token_id
         self.examples = examples
         self.packs = None
@@ -91,8 +105,18 @@ class SFTStep:
             from fastrl.native import pack_sequences
 
             self.packs = pack_sequences([len(e["input_ids"]) for e in examples], cfg.data.max_length)
-        n = len(self.packs) if self.packs is not None else len(examples)
-        self.sampler = EpochSampler(n, cfg.train.per_device_batch_size, seed=cfg.train.seed)
+        lengths = [len(e["input_ids"]) for e in examples]
+        if self.packs is not None:
+            lengths = [sum(lengths[j] for j in pack) for pack in self.packs]
+        info = dist_info()
+        self.sampler = ShardedSampler(
+            len(lengths),
+            cfg.train.per_device_batch_size,
+            seed=cfg.train.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            lengths=lengths,
+        )
 
     def batch(self, indices: list[int]) -> dict:
         data = self.cfg.data
@@ -113,9 +137,9 @@ class SFTStep:
 
     def micro_step(self, index: int):
         batch = to_device(self.batch(self.sampler.next_batch()), self.device)
-        logp, mask = token_logps(self.model, batch, chunk_size=self.cfg.sft.chunk_size)
+        logp, mask = token_logps(self.policy, batch, chunk_size=self.cfg.sft.chunk_size)
         n = mask.sum()
-        loss = -logp.sum() / n.clamp(min=1)
+        loss = -logp.sum() / global_mean_count(n).clamp(min=1)
         return loss, {"num_loss_tokens": float(n)}
 
     def state_dict(self) -> dict:
@@ -131,13 +155,14 @@ def run_sft(cfg: SFTRunConfig, *, model=None, tokenizer=None, dataset=None) -> d
     from fastrl.trainers.common import seed_everything
 
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    model, tokenizer, _ = setup_policy(
+    device, fsdp = setup_distributed(cfg.train)
+    model, tokenizer, ref = setup_policy(
         cfg.model, cfg.lora, device, need_reference=False, model=model, tokenizer=tokenizer
     )
+    policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
     dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     examples = tokenize_sft(dataset, tokenizer, cfg.data, cfg.sft)
-    step = SFTStep(model, tokenizer, examples, cfg, device)
+    step = SFTStep(policy, tokenizer, examples, cfg, device)
     return train(
         step,
         model=model,

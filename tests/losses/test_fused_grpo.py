@@ -55,9 +55,11 @@ def composed(case, opts, dtype, *, temperature, old=True, engine=True):
     return loss.detach(), {k: v.grad for k, v in p.items()}, metrics, logp.detach()
 
 
-def fused(case, opts, dtype, *, temperature, impl, chunk_size, old=True, engine=True):
+def fused(case, opts, dtype, *, temperature, impl, chunk_size, old=True, engine=True, return_entropy=False):
     p = leaves(case, dtype)
-    module = FusedLinearGRPOLoss(temperature=temperature, chunk_size=chunk_size, impl=impl, **opts)
+    module = FusedLinearGRPOLoss(
+        temperature=temperature, chunk_size=chunk_size, impl=impl, return_entropy=return_entropy, **opts
+    )
     loss, metrics = module(
         p["hidden"], p["weight"], case["labels"], case["old"] if old else None, case["adv"], case["mask"],
         bias=p.get("bias"), ref_logp=case["ref"], engine_logp=case["engine"] if engine else None,
@@ -208,6 +210,106 @@ def test_dapo_micro_batches_sum_to_full_batch(seed):
     torch.testing.assert_close(weight_grad, full_grads["weight"], rtol=1e-5, atol=1e-7)
 
 
+def entropy_truth_and_reference(case, dtype, temperature):
+    """linear_logprobs(..., return_entropy=True)'s entropy in float64 (truth) and in ``dtype`` (PyTorch)."""
+    out = []
+    for dt in (torch.float64, dtype):
+        p = {k: v.detach() for k, v in leaves(case, dt).items()}
+        with torch.no_grad():
+            _, ent = linear_logprobs(
+                p["hidden"], p["weight"], case["labels"], bias=p.get("bias"), temperature=temperature,
+                return_entropy=True, impl="torch",
+            )  # fmt: skip
+        out.append(ent)
+    return out
+
+
+def check_entropy(metrics, case, dtype, temperature):
+    truth, reference = entropy_truth_and_reference(case, dtype, temperature)
+    entropy = metrics["entropy"]
+    assert not entropy.requires_grad
+    assert entropy.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Every position has an entropy, ignored ones (padding, the empty row 1) included, as in linear_logprobs.
+    assert_close_to_truth("entropy", entropy, reference, truth, dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_return_entropy(seed, level, dtype, impl):
+    """metrics["entropy"] is linear_logprobs' entropy, while the loss, the other metrics and the gradients
+    are bit for bit those of the module without the option."""
+    case = make_case(3, 7, 16, 29)
+    opts = {
+        "loss_type": "dapo",
+        "importance_sampling_level": level,
+        "beta": 0.03,
+        "is_mode": "token_truncate",
+    }
+    kw = dict(temperature=0.8, impl=impl, chunk_size=8)
+    loss, grads, metrics = fused(case, opts, dtype, return_entropy=True, **kw)
+    base_loss, base_grads, base_metrics = fused(case, opts, dtype, **kw)
+    assert set(metrics) == set(base_metrics) | {"entropy"}
+    assert torch.equal(loss, base_loss)
+    for name in base_grads:
+        assert torch.equal(grads[name], base_grads[name]), name
+    for key in base_metrics:
+        assert torch.equal(metrics[key], base_metrics[key]), key
+    check_entropy(metrics, case, dtype, 0.8)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_return_entropy_float64_and_no_grad(seed, level):
+    case = make_case(2, 9, 16, 23, dtype=torch.float64)
+    opts = {"loss_type": "grpo", "importance_sampling_level": level}
+    _, _, metrics = fused(
+        case, opts, torch.float64, temperature=1.3, impl="torch", chunk_size=5, return_entropy=True
+    )
+    check_entropy(metrics, case, torch.float64, 1.3)
+    module = FusedLinearGRPOLoss(temperature=1.3, chunk_size=5, return_entropy=True, **opts)
+    args = (case["hidden"], case["weight"], case["labels"], case["old"], case["adv"], case["mask"])
+    for kind in ("no_grad", "frozen"):  # loss only: under no_grad, or with nothing that requires grad
+        with torch.no_grad() if kind == "no_grad" else torch.enable_grad():
+            inputs = [t.detach().requires_grad_(kind == "no_grad") for t in args[:2]]
+            loss, nograd_metrics = module(*inputs, *args[2:], bias=case["bias"])
+        assert not loss.requires_grad
+        check_entropy(nograd_metrics, case, torch.float64, 1.3)
+        torch.testing.assert_close(nograd_metrics["entropy"], metrics["entropy"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("old", [True, False], ids=["old", "no_old"])
+def test_return_entropy_adds_no_sweep(seed, monkeypatch, level, old):
+    """The entropy rides on a sweep that runs anyway: exactly one sweep computes it, and the sweeps run are
+    those of the module without the option (the first no-grad sweep only where the loss needs it)."""
+    import fastrl.losses.fused_grpo as fused_grpo
+
+    calls = []
+
+    def spy(name, real, flag):
+        def wrapped(*args, **kwargs):
+            calls.append((name, bool(kwargs.get(flag, False))))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(fused_grpo, name, wrapped)
+
+    spy("linear_logprobs", fused_grpo.linear_logprobs, "return_entropy")
+    spy("fused_linear_logprobs_with_grad", fused_grpo.fused_linear_logprobs_with_grad, "with_entropy")
+    case = make_case(2, 6, 8, 13)
+    opts = {"loss_type": "grpo", "importance_sampling_level": level, "is_mode": "token_truncate"}
+    runs = {}
+    for flag in (False, True):
+        calls.clear()
+        fused(case, opts, torch.float32, temperature=1.0, impl="torch", chunk_size=4, old=old,
+              return_entropy=flag)  # fmt: skip
+        runs[flag] = list(calls)
+    assert [name for name, _ in runs[True]] == [name for name, _ in runs[False]]
+    assert not any(with_ent for _, with_ent in runs[False])
+    # Two sweeps: the first one (before the gradient buffers exist) takes the entropy.
+    assert [with_ent for _, with_ent in runs[True]] == [True] + [False] * (len(runs[True]) - 1)
+    assert len(runs[True]) == (2 if level == "sequence" or not old else 1)
+
+
 def test_bad_input():
     case = make_case(2, 5, 8, 11)
     module = FusedLinearGRPOLoss()
@@ -223,6 +325,8 @@ def test_bad_input():
         FusedLinearGRPOLoss(temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size must be"):
         FusedLinearGRPOLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="return_entropy must be a bool"):
+        FusedLinearGRPOLoss(return_entropy=1)
 
 
 @pytest.mark.gpu
@@ -233,5 +337,23 @@ def test_gpu_fused_matches_composition(seed, level):
         case = make_case(4, 300, 256, 5003, dtype=torch.bfloat16)
         opts = {"loss_type": "dapo", "importance_sampling_level": level, "beta": 0.04, "delta": 2.0}
         check(case, opts, torch.bfloat16, impl="auto", chunk_size=512)
+    finally:
+        torch.set_default_device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gpu_return_entropy(seed, level):
+    torch.set_default_device("cuda")
+    try:
+        case = make_case(4, 300, 256, 5003, dtype=torch.bfloat16)
+        opts = {"loss_type": "dapo", "importance_sampling_level": level, "beta": 0.04}
+        kw = dict(temperature=0.9, impl="auto", chunk_size=512)
+        loss, grads, metrics = fused(case, opts, torch.bfloat16, return_entropy=True, **kw)
+        base_loss, base_grads, _ = fused(case, opts, torch.bfloat16, **kw)
+        assert torch.equal(loss, base_loss)
+        for name in base_grads:
+            assert torch.equal(grads[name], base_grads[name]), name
+        check_entropy(metrics, case, torch.bfloat16, 0.9)
     finally:
         torch.set_default_device("cpu")

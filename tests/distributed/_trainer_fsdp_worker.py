@@ -1,0 +1,171 @@
+"""Worker for tests/distributed/test_trainer_fsdp.py, launched as ``torchrun --nproc_per_node 2 -m <this>``.
+
+The trainers as a user runs them under torchrun (CPU, gloo; ``train.fsdp`` on by default): SFT with
+selective activation checkpointing, DPO with a sharded frozen reference, and GRPO (dapo, a KL reference,
+a checkpoint and the final export). Rank 0 writes the histories and the gathered SFT/DPO weights to
+``<out>/result.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastrl.distributed._state_dict import full_model_state_dict
+from fastrl.distributed.env import dist_info
+from fastrl.distributed.fsdp import is_fsdp
+from fastrl.models import ModelConfig, load_model_and_tokenizer
+from fastrl.trainers.core import OptimConfig, TrainConfig
+from fastrl.trainers.sft import run_sft
+from tests.trainers.rewards_fixtures import length_reward
+
+# Adam's first steps are ~lr * sign(grad): a large eps keeps rounding noise on gradients that are zero in
+# exact arithmetic (the attention key bias's) from turning into full-size weight differences.
+_OPTIM = dict(lr=3e-3, adam_eps=1e-3, schedule="constant")
+
+
+def _train(out, seed: int, **kw) -> TrainConfig:
+    base = dict(output_dir=str(out), max_steps=3, progress_bar=False, export_final=True, seed=seed)
+    return TrainConfig(**{**base, **kw})
+
+
+def sft_rows() -> list[dict]:
+    return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(10) for b in range(0, 10, 3)]
+
+
+def sft_config(model_dir: str, out, *, seed: int, per_device_batch_size: int):
+    from fastrl.data import DataConfig
+    from fastrl.trainers.sft import SFTRunConfig
+
+    return SFTRunConfig(
+        model=ModelConfig(name_or_path=model_dir),
+        data=DataConfig(max_length=32),
+        optim=OptimConfig(**_OPTIM),
+        train=_train(out, seed, per_device_batch_size=per_device_batch_size, gradient_accumulation_steps=2),
+    )
+
+
+def dpo_rows() -> list[dict]:
+    """Chosen: the right sum; rejected: a wrong one of varying length (pairs of unequal token counts)."""
+    return [
+        {
+            "prompt": f"{i % 10}+{3 * i % 10}=",
+            "chosen": str(i % 10 + 3 * i % 10),
+            "rejected": "7" + "9" * (i % 3),
+        }
+        for i in range(24)
+    ]
+
+
+def dpo_config(model_dir: str, out, *, seed: int, per_device_batch_size: int):
+    from fastrl.data import DataConfig
+    from fastrl.trainers.dpo import DPORunConfig
+
+    return DPORunConfig(
+        model=ModelConfig(name_or_path=model_dir),
+        data=DataConfig(max_length=32),
+        optim=OptimConfig(**_OPTIM),
+        train=_train(out, seed, per_device_batch_size=per_device_batch_size),
+    )
+
+
+def grpo_rows() -> list[dict]:
+    return [{"prompt": f"{i % 10}+{(7 * i) % 10}="} for i in range(16)]
+
+
+class PromptEngine:
+    """Deterministic completions: a function of the prompt and of the copy's index in its group (copies
+    are consecutive), so a 2-rank run and a 1-process run generate the same rollouts."""
+
+    def __init__(self, eos_id: int, group: int):
+        self.eos_id, self.group = eos_id, group
+
+    def generate(self, prompt_ids, params):
+        from fastrl.engine import GenerationOutput
+
+        ids = []
+        for i, p in enumerate(prompt_ids):
+            k = i % self.group
+            n = 1 + (sum(p) + 3 * k) % params.max_new_tokens
+            ids.append([p[(j + k) % len(p)] for j in range(n)] + [self.eos_id] * (n < params.max_new_tokens))
+        return GenerationOutput(
+            completion_ids=ids,
+            logprobs=[[-1.0] * len(c) for c in ids],
+            truncated=[self.eos_id not in c for c in ids],
+        )
+
+    def sync_weights(self, model):
+        pass
+
+
+def grpo_config(model_dir: str, out, *, seed: int, per_device_batch_size: int = 4):
+    from fastrl.losses.grpo_config import GRPOLossConfig
+    from fastrl.trainers.grpo import GRPOConfig, GRPORunConfig
+
+    return GRPORunConfig(
+        model=ModelConfig(name_or_path=model_dir),
+        optim=OptimConfig(**{**_OPTIM, "lr": 1e-2}),
+        train=_train(
+            out,
+            seed,
+            max_steps=2,
+            per_device_batch_size=per_device_batch_size,
+            save_steps=1,
+            export_final=True,
+        ),
+        grpo=GRPOConfig(num_generations=2, max_completion_length=4, reward_funcs=["unused"]),
+        loss=GRPOLossConfig(loss_type="dapo", beta=0.04),
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    a = p.parse_args()
+    out, seed = Path(a.out), a.seed
+    torch.set_num_threads(1)
+    assert dist_info().world_size == 2
+    result: dict = {}
+
+    # SFT: per-rank batch 2 (the single-process reference takes 4), selective AC under FSDP.
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
+    cfg = sft_config(a.model, out / "sft", seed=seed, per_device_batch_size=2)
+    cfg.train.activation_checkpointing = "selective"
+    res = run_sft(cfg, model=model, tokenizer=tok, dataset=sft_rows())
+    assert dist.is_initialized() and dist.get_backend() == "gloo" and is_fsdp(model)
+    result["sft_history"], result["sft_weights"] = res["history"], full_model_state_dict(model)
+
+    from fastrl.trainers.dpo import run_dpo
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
+    res = run_dpo(dpo_config(a.model, out / "dpo", seed=seed, per_device_batch_size=2), model=model,
+                  tokenizer=tok, dataset=dpo_rows())  # fmt: skip
+    result["dpo_history"], result["dpo_weights"] = res["history"], full_model_state_dict(model)
+
+    from fastrl.trainers.grpo import run_grpo
+
+    res = run_grpo(
+        grpo_config(a.model, out / "grpo", seed=seed), dataset=grpo_rows(), reward_funcs=[length_reward]
+    )
+    result["grpo_history"] = res["history"]
+    result["grpo_generate_calls"] = res["generate_calls"]
+
+    # GRPO with deterministic rollouts: comparable with one process on the whole generation batch.
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
+    cfg = grpo_config(a.model, out / "grpo_exact", seed=seed)
+    res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[length_reward],
+                   engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
+    result["grpo_exact_history"], result["grpo_exact_weights"] = res["history"], full_model_state_dict(model)
+    if dist_info().rank == 0:
+        torch.save(result, out / "result.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

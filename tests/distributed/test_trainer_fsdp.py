@@ -1,0 +1,182 @@
+"""The trainers under torchrun: 2 CPU processes (gloo, FSDP2) against one process on the full batch.
+
+One launch of tests/distributed/_trainer_fsdp_worker.py runs SFT (selective AC), DPO (sharded frozen
+reference) and GRPO (dapo + KL, a checkpoint, the export); the tests compare rank 0's numbers with
+single-process runs here and load what the GRPO run wrote.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrl.data import EpochSampler
+from fastrl.data.sampler import ShardedSampler
+from tests.distributed._trainer_fsdp_worker import (
+    PromptEngine,
+    dpo_config,
+    dpo_rows,
+    grpo_config,
+    grpo_rows,
+    sft_config,
+    sft_rows,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Launch the 2-rank worker once per session (the xdist lock recipe of test_fsdp.py); returns
+    (seed, model dir, rank 0's results, output dir)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "trainer-fsdp-run"
+    with open(shared / "trainer-fsdp-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "result.pt").exists():
+            from fastrl.models.tiny import save_tiny
+
+            seed = int(os.environ.get("FASTRL_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            (out / "seed").write_text(str(seed))
+            save_tiny(out / "model", hidden_size=64, num_layers=2)
+            env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "tests.distributed._trainer_fsdp_worker", "--out", str(out),
+                   "--model", str(out / "model"), "--seed", str(seed)]  # fmt: skip
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, f"seed={seed}\n{proc.stdout[-2000:]}\n{proc.stderr[-8000:]}"
+    seed = int((out / "seed").read_text())
+    print(f"trainer fsdp seed={seed}")
+    return seed, str(out / "model"), torch.load(out / "result.pt", weights_only=False), out
+
+
+def _single_process(runner, cfg, rows, **kw):
+    from fastrl.models import ModelConfig, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=cfg.model.name_or_path))
+    if kw.get("engine") == "prompt":
+        kw["engine"] = PromptEngine(tok.eos_token_id, cfg.grpo.num_generations)
+    return runner(cfg, model=model, tokenizer=tok, dataset=rows, **kw), model
+
+
+def _assert_same_run(got_history, got_weights, want_history, model) -> None:
+    assert [r["step"] for r in got_history] == [r["step"] for r in want_history]
+    for g, w in zip(got_history, want_history):
+        # two half-batch gradients averaged by reduce-scatter vs one full-batch gradient: fp32 rounding
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), g["step"]
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), g["step"]
+    want = model.state_dict()
+    assert got_weights.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got_weights[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_sft_on_two_ranks_matches_one_process(run, tmp_path):
+    from fastrl.trainers.sft import run_sft
+
+    seed, model_dir, result, _ = run
+    cfg = sft_config(model_dir, tmp_path, seed=seed, per_device_batch_size=4)
+    want, model = _single_process(run_sft, cfg, sft_rows())
+    _assert_same_run(result["sft_history"], result["sft_weights"], want["history"], model)
+
+
+def test_dpo_on_two_ranks_matches_one_process(run, tmp_path):
+    from fastrl.trainers.dpo import run_dpo
+
+    seed, model_dir, result, _ = run
+    cfg = dpo_config(model_dir, tmp_path, seed=seed, per_device_batch_size=4)
+    want, model = _single_process(run_dpo, cfg, dpo_rows())
+    _assert_same_run(result["dpo_history"], result["dpo_weights"], want["history"], model)
+
+
+def test_grpo_on_two_ranks_matches_one_process(run, tmp_path):
+    """Same rollouts (a deterministic engine): global advantages and the dapo normaliser (global tokens /
+    world size) make the 2-rank run the 1-process run on the whole generation batch."""
+    from fastrl.trainers.grpo import run_grpo
+    from tests.trainers.rewards_fixtures import length_reward
+
+    seed, model_dir, result, _ = run
+    cfg = grpo_config(model_dir, tmp_path, seed=seed, per_device_batch_size=8)
+    cfg.train.export_final, cfg.train.save_steps = False, 0
+    want, model = _single_process(run_grpo, cfg, grpo_rows(), reward_funcs=[length_reward], engine="prompt")
+    got = result["grpo_exact_history"]
+    for g, w in zip(got, want["history"]):
+        # (token means such as kl are means of the ranks' own token means: not compared)
+        for key in ("reward", "completion_length", "advantage_abs_mean"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
+    _assert_same_run(got, result["grpo_exact_weights"], want["history"], model)
+
+
+def test_grpo_on_two_ranks_checkpoint_and_export_load(run):
+    from transformers import AutoModelForCausalLM
+
+    from fastrl.distributed.checkpoint import load_checkpoint
+    from fastrl.models import ModelConfig, load_model_and_tokenizer
+
+    _, model_dir, result, out = run
+    history = result["grpo_history"]
+    assert [r["step"] for r in history] == [1, 2] and result["grpo_generate_calls"] == 2
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"], r["reward"]])).all() for r in history)
+    ckpt = out / "grpo" / "checkpoint-1"
+    assert {"COMPLETE", "model.safetensors", "rng_rank0.pt", "rng_rank1.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 1 and len(state["trainer"]["ranks"]) == 2  # each rank's rollouts
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=model_dir))
+    assert load_checkpoint(ckpt, model=model)["step"] == 1
+    exported = AutoModelForCausalLM.from_pretrained(str(out / "grpo" / "final"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        logits = exported(ids).logits
+        assert torch.isfinite(logits).all()
+        # two optimizer steps at lr 1e-2 moved the exported weights away from the checkpoint after one
+        assert not torch.allclose(logits, model(ids).logits)
+    records = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # rank 0 alone writes the log
+
+
+@pytest.mark.parametrize("lengths", [None, "random"])
+def test_sharded_sampler_splits_each_global_batch(seed, lengths):
+    n, bs, world = 23, 3, 4
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, 50, (n,), generator=g).tolist() if lengths else None
+    ranks = [ShardedSampler(n, bs, seed=seed, rank=r, world_size=world, lengths=lens) for r in range(world)]
+    whole = EpochSampler(n, bs * world, seed=seed)
+    for _ in range(7):  # crosses epoch boundaries
+        shares = [s.next_batch() for s in ranks]
+        assert all(len(s) == bs for s in shares)
+        assert sorted(sum(shares, [])) == sorted(whole.next_batch())
+    assert ranks[0].state_dict() == whole.state_dict()
+    single = ShardedSampler(n, bs, seed=seed)
+    assert _batches(single, 9) == _batches(EpochSampler(n, bs, seed=seed), 9)  # world size 1: unchanged
+    with pytest.raises(ValueError, match="rank"):
+        ShardedSampler(n, bs, seed=seed, rank=4, world_size=4)
+
+
+def _batches(sampler, k):
+    return [sampler.next_batch() for _ in range(k)]
+
+
+def test_train_config_switches():
+    from fastrl.trainers.core import TrainConfig, setup_distributed
+
+    with pytest.raises(ValueError, match="train.activation_checkpointing"):
+        TrainConfig(activation_checkpointing="some")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        with pytest.raises(ValueError, match="train.fsdp"):
+            setup_distributed(TrainConfig(fsdp=True, device="cpu"))
+        assert setup_distributed(TrainConfig(device="cpu")) == (torch.device("cpu"), False)
