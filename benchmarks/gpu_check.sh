@@ -6,7 +6,8 @@
 #   3. the GPU tests: pytest -m gpu;
 #   4. the benchmark at ANCHORS.md's shapes: python -m fastrl.bench --gpu --out $OUT/bench
 #      (results.json/.md are rewritten after every case, so a run cut short keeps what it measured);
-#   5. the results table printed LAST.
+#   5. with FASTRL_GPU_GRPO_STEP=1, the whole-GRPO-step benchmark against TRL (about 4 more minutes);
+#   6. the results table printed LAST.
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [extra fastrl bench args]   (OUT defaults to ./gpu_out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,15 @@ timeout 330 "$PY" -m fastrl.bench --gpu --out "$OUT/bench" --no-progress --repea
 status=$?
 log "bench status: $status (124 = cut by the timeout; results up to the last finished case are kept)"
 grep -iE "error|warning" "$OUT/bench.log" | grep -v "^|" | head -10 || true
+
+if [ "${FASTRL_GPU_GRPO_STEP:-0}" = "1" ]; then
+  # The whole GRPO step (issue 4): fastrl vs TRL (and TRL + Liger) on the 0.5B Qwen2-architecture setup,
+  # each method in its own process, 4 steps each. TRL must travel in .whl/ (no network there).
+  log "grpo_step --gpu"
+  timeout 240 "$PY" -m fastrl.bench.grpo_step --gpu --out "$OUT/grpo_step" >"$OUT/grpo_step.log" 2>&1
+  log "grpo_step status: $?"
+  tail -15 "$OUT/grpo_step.log"
+fi
 
 echo
 echo "===================== results ($((SECONDS - T0)) s) ====================="
