@@ -38,7 +38,6 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["fastrl", "fastrl.*"]),
-    package_data={"fastrl": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",
