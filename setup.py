@@ -42,7 +42,7 @@ setup(
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",
         "numpy>=1.24",
-        "transformers>=4.51",
+        "transformers>=4.51,<6",
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "peft>=0.15",

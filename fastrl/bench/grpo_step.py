@@ -424,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rec["rows"]:
             got = results.get((rec["case"], row["method"]))
             if got is not None and row["status"] == "ok":
-                row["extra_mib"] = got["extra_mib"]
-                row["note"] = "; ".join(x for x in (row["note"], got["note"]) if x)
+                # extra_mib and the tokens/s note arrive through the harness (WorkerStep.report)
                 row["tokens_per_s"] = got["tokens_per_s"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

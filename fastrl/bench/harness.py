@@ -230,7 +230,9 @@ def run_method(case: Case, method: Method, inputs: dict[str, Any], ctx: BenchCon
         if measured is not None:
             got = measured()
             row.extra_mib = got.get("extra_mib", row.extra_mib)
-            row.note = "; ".join(x for x in (row.note, got.get("note", "")) if x)
+            extra_note = got.get("note", "")
+            if extra_note and extra_note not in row.note:
+                row.note = "; ".join(x for x in (row.note, extra_note) if x)
         if isinstance(out, torch.Tensor) and out.numel() == 1:
             row.loss = float(out.detach().float())
     except Skip as err:

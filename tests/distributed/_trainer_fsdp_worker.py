@@ -116,7 +116,9 @@ def grpo_config(model_dir: str, out, *, seed: int, per_device_batch_size: int = 
             save_steps=1,
             export_final=True,
         ),
-        grpo=GRPOConfig(num_generations=2, max_completion_length=4, reward_funcs=["unused"]),
+        grpo=GRPOConfig(
+            num_generations=2, max_completion_length=4, reward_funcs=["unused"], scale_rewards="batch"
+        ),
         loss=GRPOLossConfig(loss_type="dapo", beta=0.04),
     )
 
