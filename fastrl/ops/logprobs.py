@@ -18,7 +18,7 @@ from torch import Tensor
 from fastrl.ops._common import check_float, check_labels, check_same_device, check_temperature, resolve_impl
 
 # Logits per chunk in the torch impl: a chunk's fp32 temporaries stay at a few times 64 MiB.
-TORCH_CHUNK_ELEMENTS = 1 << 24
+TORCH_CHUNK_ELEMENTS = 1 << 22
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
