@@ -27,7 +27,7 @@ except ImportError:  # pybind11 missing from the build environment: pure-Python 
     ext_modules, cmdclass = [], {}
 
 BENCH = ["matplotlib>=3.7", "liger-kernel>=0.5", "cut-cross-entropy>=25.1", "trl>=0.20"]
-TEST = ["pytest>=8", "pytest-xdist>=3.5"]
+TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"]
 
 setup(
     name="fastrl",
@@ -55,7 +55,7 @@ setup(
         "test": TEST,
         "bench": BENCH,
         "vllm": ["vllm>=0.10"],
-        "dev": TEST + ["ruff>=0.6"],
+        "dev": TEST,
     },
     entry_points={"console_scripts": ["fastrl=fastrl.cli:main"]},
     ext_modules=ext_modules,
