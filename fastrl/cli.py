@@ -10,7 +10,8 @@
 A training command maps its YAML file and overrides onto the trainer's run-config dataclass
 (``fastrl.config.load_config``); ``fastrl <cmd> --help`` lists every key with its help text. The trainers
 are imported only when their command runs. Under torchrun every rank parses the same arguments; only
-rank 0 prints.
+rank 0 prints. Exit status: 0 done, 2 bad arguments or config, 1 the run stopped on a user error (a
+``ValueError`` or ``OSError``: one line on stderr, no traceback; ``FASTRL_TRACEBACK=1`` shows it).
 """
 
 from __future__ import annotations
@@ -109,16 +110,43 @@ def run_trainer(command: str, argv: list[str]) -> int:
         _say(f"fastrl {command}: {err}", err=True)
         return 2
     if flags["save"] and _rank0():
-        save_config(cfg, flags["save"])
+        try:
+            save_config(cfg, flags["save"])
+        except OSError as err:
+            _say(f"fastrl {command}: --save-config {flags['save']!r}: {err.strerror or err}", err=True)
+            return 2
     if flags["print"]:
         import yaml
 
         _say(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         return 0
-    metrics = run(cfg)
+    metrics = _guarded(command, run, cfg)
+    if isinstance(metrics, _Failed):
+        return 1
     if metrics is not None:
         _say(json.dumps({k: _plain(v) for k, v in dict(metrics).items()}, indent=2, default=str))
     return 0
+
+
+class _Failed:
+    """What ``_guarded`` returns when the command stopped on a user error (already reported)."""
+
+
+# The errors a user's input causes: fastrl raises ValueError for a bad option, value or dataset (STYLE.md;
+# internal invariants are asserts), and a model, tokenizer or data path that cannot be opened is an OSError.
+USER_ERRORS = (ValueError, OSError)
+
+
+def _guarded(command: str, fn, *args):
+    """``fn(*args)``; a user error becomes one line on stderr, ``fastrl <command>: error: ...``, and a
+    ``_Failed`` result instead of a traceback. ``FASTRL_TRACEBACK=1`` re-raises it (for debugging)."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as err:
+        if os.environ.get("FASTRL_TRACEBACK", "") not in ("", "0"):
+            raise
+        _say(f"fastrl {command}: error: {type(err).__name__}: {err}", err=True)
+        return _Failed()
 
 
 def _plain(value):
@@ -143,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     if command == "bench":
         from fastrl.bench import main as bench_main
 
-        return bench_main(rest)
+        status = _guarded(command, bench_main, rest)
+        return 1 if isinstance(status, _Failed) else status
     if command == "demo":
         from fastrl.demo import main as demo_main
 
-        status = demo_main(rest)  # a summary dict (or an exit status)
+        status = _guarded(command, demo_main, rest)  # a summary dict (or an exit status)
+        if isinstance(status, _Failed):
+            return 1
         return status if isinstance(status, int) else 0
     if command == "vllm-serve":
         _say(

@@ -42,7 +42,10 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: li
         path = Path(yaml_path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:  # a user's typo in the file: a message, not a parser traceback
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -228,11 +231,15 @@ def _convert(tp: Any, value: Any, *, key: str, current: Any = None) -> Any:
 
 def _parse_text(tp: Any, text: str) -> Any:
     core = _strip_optional(tp)
+    # "none"/"None" mean None for every Optional field, as they do for Optional[str] (YAML alone knows
+    # only null and ~, so `--x.seed None` used to be refused for an `int | None` field).
+    if _allows_none(tp) and text.strip().lower() in ("null", "none", "~"):
+        return None
     if core is str or (
         typing.get_origin(core) is Literal and all(isinstance(a, str) for a in typing.get_args(core))
     ):
-        if _allows_none(tp) and text.strip().lower() in ("null", "none", "~"):
-            return None
+        return text
+    if core is bool:  # _coerce reads the words (true/yes/1/on, ...); YAML would make "1"/"0" ints
         return text
     try:
         return yaml.safe_load(text)

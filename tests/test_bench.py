@@ -319,8 +319,23 @@ def test_bad_bench_arguments_exit_2(capsys):
     if not torch.cuda.is_available():
         assert main(["--gpu"]) == 2
         assert "--gpu needs a CUDA device" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--suite", "nope"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert main(["--warmup", "-1"]) == 2
+    assert "--warmup must be >= 0" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_exits_2_without_running(tmp_path, capsys):
+    # Review fix: mkdir on an existing file used to end the run in a FileExistsError traceback.
+    from fastrl.bench import main
+
+    not_a_dir = tmp_path / "results"
+    not_a_dir.write_text("x")
+    assert main(["--out", str(not_a_dir), "--quick", "--suite", "dpo", "--no-progress"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert not_a_dir.read_text() == "x"
 
 
 @pytest.mark.gpu

@@ -89,6 +89,54 @@ def test_bad_arguments_exit_2_with_a_message(trainer, capsys, argv, message):
     assert trainer.calls == []
 
 
+def test_user_errors_in_the_run_exit_1_with_one_line_not_a_traceback(trainer, monkeypatch, capsys, tmp_path):
+    # Review fix: a ValueError raised by the trainer (e.g. a missing dataset column), an OSError (a model
+    # path that does not exist) or an unwritable --save-config used to end in a traceback.
+    def failing(error):
+        def run(cfg):
+            raise error
+
+        return run
+
+    monkeypatch.setattr(trainer, "run_dummy", failing(ValueError("dataset has no column 'prompt'")))
+    assert cli.main(["sft", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "fastrl sft: error: ValueError: dataset has no column 'prompt'"
+    monkeypatch.setattr(trainer, "run_dummy", failing(FileNotFoundError(2, "No such file", "/no/model")))
+    assert cli.main(["sft"]) == 1
+    assert "fastrl sft: error: FileNotFoundError" in capsys.readouterr().err
+    monkeypatch.setenv("FASTRL_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["sft"])
+    monkeypatch.delenv("FASTRL_TRACEBACK")
+    monkeypatch.setattr(trainer, "run_dummy", failing(RuntimeError("internal bug")))
+    with pytest.raises(RuntimeError, match="internal bug"):  # not a user error: the traceback stays
+        cli.main(["sft"])
+    monkeypatch.setattr(trainer, "run_dummy", lambda cfg: None)
+    assert cli.main(["sft", "--save-config", str(tmp_path / "missing_dir" / "run.yaml")]) == 2
+    assert "--save-config" in capsys.readouterr().err
+
+
+def test_bench_and_demo_user_errors_exit_non_zero(monkeypatch, capsys):
+    import fastrl.bench
+
+    def bad_bench(argv):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fastrl.bench, "main", bad_bench)
+    assert cli.main(["bench", "--quick"]) == 1
+    assert "fastrl bench: error: OSError: disk full" in capsys.readouterr().err
+    demo = types.ModuleType("fastrl.demo")
+
+    def bad_demo(argv):
+        raise ValueError("--steps must be positive")
+
+    demo.main = bad_demo
+    monkeypatch.setitem(sys.modules, "fastrl.demo", demo)
+    assert cli.main(["demo", "--steps", "0"]) == 1
+    assert "fastrl demo: error: ValueError: --steps must be positive" in capsys.readouterr().err
+
+
 def test_only_rank_zero_prints_under_torchrun(trainer, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -96,6 +96,15 @@ def test_scalar_types_and_collections():
     assert cfg.weights == {"acc": 1.0, "fmt": 0.5} and isinstance(cfg.weights["acc"], float)
 
 
+@pytest.mark.parametrize(
+    "text, value",
+    [("true", True), ("False", False), ("yes", True), ("off", False), ("1", True), ("0", False)],
+)
+def test_bool_override_words(text, value):
+    # Review fix: "1" and "0" (documented as bool words) were parsed by YAML to ints and then refused.
+    assert load_config(Run, None, ["--bf16", text]).bf16 is value
+
+
 def test_bare_flag_sets_bool_true_and_needs_value_otherwise():
     assert load_config(Run, None, ["--bf16", "false", "--bf16"]).bf16 is True
     with pytest.raises(ValueError, match="'steps' needs a value of type int"):
@@ -169,6 +178,21 @@ def test_structural_errors(tmp_path):
     assert load_config(Required, None, ["--path", "/x"]).path == "/x"
     with pytest.raises(ValueError, match="cls must be a dataclass"):
         load_config(dict, None, [])
+    # A YAML syntax error is a ValueError naming the file (review fix: it used to escape as yaml.YAMLError).
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: {lr: 1\nsteps: [\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml.*not valid YAML"):
+        load_config(Run, str(broken), [])
+
+
+@pytest.mark.parametrize("text", ["null", "~", "None", "none", "NULL"])
+def test_optional_scalar_takes_every_spelling_of_none(tmp_path, text):
+    # Review fix: "None"/"none" used to be refused for an `int | None` field (YAML reads them as strings)
+    # while the same words meant None for an `str | None` field.
+    assert load_config(Run, _yaml(tmp_path, {"max_samples": 3}), ["--max_samples", text]).max_samples is None
+    assert load_config(Run, None, ["--max_samples", "7"]).max_samples == 7
+    with pytest.raises(ValueError, match="'steps' expects int"):
+        load_config(Run, None, ["--steps", text])  # not Optional: None stays an error
 
 
 def test_help_lists_every_key_with_type_default_and_help():

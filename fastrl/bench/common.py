@@ -23,17 +23,20 @@ def lm_head(ctx: BenchContext, V: int, H: int, *, requires_grad: bool = True) ->
     return randn(ctx, V, H, scale=H**-0.5, requires_grad=requires_grad)
 
 
+def backward_step(loss_fn: Callable[[], torch.Tensor]):
+    """The step every loss method times: ``loss = loss_fn(); loss.backward()``, returning the loss."""
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
 def backward_method(name: str, loss_fn: LossFn, *, kind: str = "method", note: str = "") -> Method:
     """A method whose step is ``loss = loss_fn(inputs); loss.backward()``."""
-
-    def setup(inputs: dict[str, Any]):
-        def step():
-            loss = loss_fn(inputs)
-            loss.backward()
-            return loss.detach()
-
-        return step
-
+    setup = lambda inputs: backward_step(lambda: loss_fn(inputs))
     return Method(name=name, setup=setup, kind=kind, note=note)
 
 
@@ -47,13 +50,7 @@ def compiled_method(ctx: BenchContext, name: str, loss_fn: LossFn, *, first_shap
         if not first_shape:
             raise Skip("torch.compile is measured at the suite's first shape only")
         compiled = torch.compile(loss_fn)
-
-        def step():
-            loss = compiled(inputs)
-            loss.backward()
-            return loss.detach()
-
-        return step
+        return backward_step(lambda: compiled(inputs))
 
     return Method(name=name, setup=setup)
 

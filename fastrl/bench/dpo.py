@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 
 from fastrl.bench import peers
-from fastrl.bench.common import backward_method, compiled_method, cublas_products, lm_head, randn
+from fastrl.bench.common import (
+    backward_method,
+    backward_step,
+    compiled_method,
+    cublas_products,
+    lm_head,
+    randn,
+)
 from fastrl.bench.floors import Ceilings
 from fastrl.bench.harness import BenchContext, Case, Method
 from fastrl.bench.linear_logprobs import matmul_case
@@ -76,8 +83,8 @@ def _fastrl_step(inputs, impl: str):
 
     module = FusedLinearDPOLoss(beta=peers.DPO_BETA, loss_type="sigmoid", impl=impl)
 
-    def step():
-        loss, _ = module(
+    return backward_step(
+        lambda: module(
             inputs["hidden_chosen"],
             inputs["hidden_rejected"],
             inputs["weight"],
@@ -86,31 +93,25 @@ def _fastrl_step(inputs, impl: str):
             ref_weight=inputs["ref_weight"],
             ref_hidden_chosen=inputs["ref_hidden_chosen"],
             ref_hidden_rejected=inputs["ref_hidden_rejected"],
-        )
-        loss.backward()
-        return loss.detach()
-
-    return step
+        )[0]
+    )
 
 
 def _liger_setup(inputs):
     module = peers.liger_dpo(beta=peers.DPO_BETA, use_ref_model=True)
 
-    def step():
-        hidden = torch.cat([inputs["hidden_chosen"], inputs["hidden_rejected"]])
-        loss = peers.first(
-            module(
-                inputs["weight"],
-                hidden,
-                inputs["labels_both"],
-                ref_input=inputs["ref_hidden_both"],
-                ref_weight=inputs["ref_weight"],
-            )
+    def loss():
+        hidden = torch.cat([inputs["hidden_chosen"], inputs["hidden_rejected"]])  # Liger takes them stacked
+        out = module(
+            inputs["weight"],
+            hidden,
+            inputs["labels_both"],
+            ref_input=inputs["ref_hidden_both"],
+            ref_weight=inputs["ref_weight"],
         )
-        loss.backward()
-        return loss.detach()
+        return peers.first(out)
 
-    return step
+    return backward_step(loss)
 
 
 def methods(ctx: BenchContext) -> list[Method]:

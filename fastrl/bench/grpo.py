@@ -13,17 +13,10 @@ import dataclasses
 import torch
 
 from fastrl.bench import peers
-from fastrl.bench.common import accepted_kwargs, backward_method, compiled_method, cublas_products
+from fastrl.bench.common import accepted_kwargs, backward_step
 from fastrl.bench.floors import Ceilings
 from fastrl.bench.harness import BenchContext, Case, Method, Skip
-from fastrl.bench.linear_logprobs import (
-    BASELINE,
-    cce_logp,
-    eager_logits_logp,
-    linear_inputs,
-    matmul_case,
-    shapes,
-)
+from fastrl.bench.linear_logprobs import linear_inputs, logits_methods, matmul_case, shapes
 
 
 @torch.no_grad()
@@ -72,8 +65,8 @@ def _fastrl_step(inputs, impl: str):
         wanted["epsilon"] = peers.GRPO_EPS
     module = FusedLinearGRPOLoss(impl=impl, **{k: v for k, v in wanted.items() if k in names})
 
-    def step():
-        loss, _ = module(
+    return backward_step(
+        lambda: module(
             inputs["hidden"],
             inputs["weight"],
             inputs["labels"],
@@ -81,11 +74,8 @@ def _fastrl_step(inputs, impl: str):
             inputs["advantages"],
             inputs["mask"],
             ref_logp=inputs["ref_logp"],
-        )
-        loss.backward()
-        return loss.detach()
-
-    return step
+        )[0]
+    )
 
 
 def _liger_setup(inputs):
@@ -95,8 +85,8 @@ def _liger_setup(inputs):
     kwargs.update(loss_type="bnpo", use_ref_model=True)
     module = LigerFusedLinearGRPOLoss(**accepted_kwargs(LigerFusedLinearGRPOLoss, kwargs))
 
-    def step():
-        loss = peers.first(
+    return backward_step(
+        lambda: peers.first(
             module(
                 inputs["hidden"],
                 inputs["weight"],
@@ -107,36 +97,15 @@ def _liger_setup(inputs):
                 old_per_token_logps=inputs["old_logp"],
             )
         )
-        loss.backward()
-        return loss.detach()
-
-    return step
+    )
 
 
 def methods(ctx: BenchContext, *, first_shape: bool = True) -> list[Method]:
-    eager = lambda inp: _loss_on(eager_logits_logp(inp, peers.eager_fp32_logp), inp)
-    return [
-        cublas_products(BASELINE, "hidden", "weight"),
-        backward_method("eager fp32", eager),
-        backward_method(
-            "TRL-style selective log-softmax",
-            lambda inp: _loss_on(eager_logits_logp(inp, peers.rowloop_logp), inp),
-        ),
-        compiled_method(ctx, "torch.compile of the eager path", eager, first_shape=first_shape),
-        Method(
-            name="Liger LigerFusedLinearGRPOLoss", setup=_liger_setup, kind="peer", note="chunked PyTorch"
-        ),
-        backward_method(
-            "Cut Cross-Entropy, gradient filtering on",
-            lambda inp: _loss_on(cce_logp(inp, exact=False), inp),
-            kind="peer",
-            note="approximate gradients",
-        ),
-        backward_method(
-            "Cut Cross-Entropy, exact", lambda inp: _loss_on(cce_logp(inp, exact=True), inp), kind="peer"
-        ),
-        Method(name="fastrl FusedLinearGRPOLoss", setup=_fastrl_setup(ctx.fastrl_impl), kind="fastrl"),
-    ]
+    liger = Method(
+        name="Liger LigerFusedLinearGRPOLoss", setup=_liger_setup, kind="peer", note="chunked PyTorch"
+    )
+    fastrl = Method(name="fastrl FusedLinearGRPOLoss", setup=_fastrl_setup(ctx.fastrl_impl), kind="fastrl")
+    return logits_methods(ctx, _loss_on, first_shape=first_shape) + [liger, fastrl]
 
 
 def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:

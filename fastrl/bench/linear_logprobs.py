@@ -69,25 +69,33 @@ def _fastrl(ctx: BenchContext, recompute: bool):
     return loss
 
 
-def methods(ctx: BenchContext, *, first_shape: bool = True) -> list[Method]:
-    eager = lambda inp: _weighted(eager_logits_logp(inp, peers.eager_fp32_logp), inp)
+def logits_methods(ctx: BenchContext, on_logp, *, first_shape: bool = True) -> list[Method]:
+    """The methods every hidden -> lm_head -> log-probs suite measures, the loss being ``on_logp(logp,
+    inputs)`` ([B, T] log-probs to a scalar): the cuBLAS baseline, eager fp32, TRL-style selective
+    log-softmax, ``torch.compile`` of the eager path and Cut Cross-Entropy (approximate and exact)."""
+    eager = lambda inp: on_logp(eager_logits_logp(inp, peers.eager_fp32_logp), inp)
     return [
         cublas_products(BASELINE, "hidden", "weight"),
         backward_method("eager fp32", eager),
         backward_method(
             "TRL-style selective log-softmax",
-            lambda inp: _weighted(eager_logits_logp(inp, peers.rowloop_logp), inp),
+            lambda inp: on_logp(eager_logits_logp(inp, peers.rowloop_logp), inp),
         ),
         compiled_method(ctx, "torch.compile of the eager path", eager, first_shape=first_shape),
         backward_method(
             "Cut Cross-Entropy, gradient filtering on",
-            lambda inp: _weighted(cce_logp(inp, exact=False), inp),
+            lambda inp: on_logp(cce_logp(inp, exact=False), inp),
             kind="peer",
             note="approximate gradients",
         ),
         backward_method(
-            "Cut Cross-Entropy, exact", lambda inp: _weighted(cce_logp(inp, exact=True), inp), kind="peer"
+            "Cut Cross-Entropy, exact", lambda inp: on_logp(cce_logp(inp, exact=True), inp), kind="peer"
         ),
+    ]
+
+
+def methods(ctx: BenchContext, *, first_shape: bool = True) -> list[Method]:
+    return logits_methods(ctx, _weighted, first_shape=first_shape) + [
         backward_method("fastrl linear_logprobs", _fastrl(ctx, False), kind="fastrl"),
         backward_method(
             "fastrl linear_logprobs, recompute", _fastrl(ctx, True), kind="fastrl", note="no logits buffer"

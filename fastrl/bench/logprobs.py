@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastrl.bench import peers
-from fastrl.bench.common import backward_method, compiled_method, randn
+from fastrl.bench.common import backward_method, backward_step, compiled_method, randn
 from fastrl.bench.floors import Ceilings
 from fastrl.bench.harness import BenchContext, Case, Method
 
@@ -57,10 +57,9 @@ def _inplace_step(inputs, impl: str):
     pristine = inputs["logits"].detach()
     logits = pristine.clone().requires_grad_(True)
 
-    def step():
-        loss = _weighted(logprobs(logits, inputs["labels"], impl=impl, inplace_backward=True), inputs)
-        loss.backward()
-        return loss.detach()
+    step = backward_step(
+        lambda: _weighted(logprobs(logits, inputs["labels"], impl=impl, inplace_backward=True), inputs)
+    )
 
     def prepare():
         logits.grad = None

@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastrl bench: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. --out names an existing file: a message, not a traceback
+        print(f"fastrl bench: --out {args.out!r} cannot be a results folder: {err}", file=sys.stderr)
+        return 2
 
     def write(payload: dict) -> str:
         report.write_json(out / "results.json", payload)

@@ -8,11 +8,20 @@ that does.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
 
 ENGINE_KINDS = ("hf", "vllm", "vllm_server")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, never a count here
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(kw_only=True)
@@ -37,17 +46,22 @@ class SamplingParams:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        # `not x >= 0` also refuses NaN; an infinite temperature would sample uniformly, hiding a typo.
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
             raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {self.stop_token_ids!r}")
 
     @property
@@ -127,19 +141,22 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.kind not in ENGINE_KINDS:
+        if not isinstance(self.kind, str) or self.kind not in ENGINE_KINDS:
             raise ValueError(f"kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
-        if not isinstance(self.max_batch_size, int) or self.max_batch_size <= 0:
-            raise ValueError(f"max_batch_size must be a positive int, got {self.max_batch_size!r}")
+        for name in ("max_batch_size", "cache_length_multiple", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("use_static_cache", "compile", "enable_sleep_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.compile and not self.use_static_cache:
             raise ValueError(
                 "compile=True needs use_static_cache=True (a growing cache recompiles every step)"
             )
-        if not isinstance(self.cache_length_multiple, int) or self.cache_length_multiple <= 0:
-            raise ValueError(
-                f"cache_length_multiple must be a positive int, got {self.cache_length_multiple!r}"
-            )
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if not isinstance(self.compile_mode, str) or not self.compile_mode:
+            raise ValueError(f"compile_mode must be a torch.compile mode name, got {self.compile_mode!r}")
+        if not _is_number(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.kind == "vllm_server" and not self.base_url:
             raise ValueError("kind='vllm_server' needs base_url (the server's http://host:port)")

@@ -75,8 +75,10 @@ class HFEngine(Engine):
         stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), device=device)
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         results: list = [None] * len(prompt_ids)
-        was_training = self.model.training
-        self.model.eval()  # dropout off while sampling; the caller's mode comes back below
+        # Dropout off while sampling; each module's own mode comes back below (a plain train(was_training)
+        # would flip a submodule the caller keeps in eval, e.g. a frozen part, back into train mode).
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
         try:
             with torch.no_grad():
                 for start in range(0, len(order), self.cfg.max_batch_size):
@@ -87,7 +89,8 @@ class HFEngine(Engine):
                     for i, row in zip(chunk, batch):
                         results[i] = row
         finally:
-            self.model.train(was_training)
+            for m, training in modes:
+                m.training = training
         ids, logps, truncated = zip(*results) if results else ((), (), ())
         return GenerationOutput(completion_ids=list(ids), logprobs=list(logps), truncated=list(truncated))
 
@@ -116,7 +119,11 @@ class HFEngine(Engine):
         for i, p in enumerate(prompt_ids):
             if not isinstance(p, (list, tuple)) or not p:
                 raise ValueError(f"prompt_ids[{i}] must be a non-empty list of token ids, got {p!r}")
-            bad = [t for t in p if not (isinstance(t, numbers.Integral) and 0 <= t < vocab)]
+            bad = [
+                t
+                for t in p
+                if isinstance(t, bool) or not (isinstance(t, numbers.Integral) and 0 <= t < vocab)
+            ]
             if bad:
                 raise ValueError(f"prompt_ids[{i}] must hold ints in [0, {vocab}), found {bad[0]!r}")
 

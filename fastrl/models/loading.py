@@ -48,11 +48,20 @@ class ModelConfig:
 
     def validate(self, *, need_path: bool = True) -> None:
         """Raise ``ValueError`` on an unknown option (and on an empty ``name_or_path`` if ``need_path``)."""
-        if need_path and (not isinstance(self.name_or_path, str) or not self.name_or_path):
+        if not isinstance(self.name_or_path, str) or (need_path and not self.name_or_path):
             raise ValueError(f"name_or_path must be a non-empty string, got {self.name_or_path!r}")
-        if self.torch_dtype not in DTYPES:
+        for name in ("tokenizer_name_or_path", "revision"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+        for name in ("trust_remote_code", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        # isinstance first: an unhashable value (a list from YAML) would make `in` raise TypeError.
+        if not isinstance(self.torch_dtype, str) or self.torch_dtype not in DTYPES:
             raise ValueError(f"torch_dtype must be one of {tuple(DTYPES)}, got {self.torch_dtype!r}")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        attn = self.attn_implementation
+        if not isinstance(attn, str) or attn not in ATTN_IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
             )

@@ -7,6 +7,7 @@ reference log-probs are the policy's forward inside ``adapter_disabled(model)``.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,11 +30,15 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
+        # bool is an int to Python: r=True would silently mean rank 1.
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a number > 0, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+        if not number(self.alpha) or not 0 < self.alpha < math.inf:  # `not` also refuses NaN
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if not number(self.dropout) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         targets = self.target_modules
         if isinstance(targets, str):

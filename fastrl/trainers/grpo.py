@@ -273,14 +273,16 @@ def run_grpo(
     )
     if not funcs:
         raise ValueError("grpo.reward_funcs must name at least one reward function")
+    if fsdp and engine is None and (cfg.engine.kind != "hf" or cfg.engine.compile):
+        # vLLM would need the gathered weights synced in; a compiled decode step captures parameter
+        # addresses, which FSDP's gathered buffers do not keep from one round to the next.
+        raise ValueError(
+            f"under train.fsdp the engine must be engine.kind 'hf' without engine.compile, got "
+            f"kind={cfg.engine.kind!r} compile={cfg.engine.compile}"
+        )
     model, tokenizer, ref = setup_policy(
         cfg.model, cfg.lora, device, need_reference=cfg.loss.beta != 0, model=model, tokenizer=tokenizer
     )
-    if fsdp and cfg.engine.kind != "hf" and engine is None:
-        raise ValueError(
-            f"engine.kind must be 'hf' under train.fsdp (no weight sync of a sharded model to "
-            f"{cfg.engine.kind!r}), got {cfg.engine.kind!r}"
-        )
     policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
     dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     rows = prepare_prompts(dataset, tokenizer, cfg.data)

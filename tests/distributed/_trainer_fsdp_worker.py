@@ -20,7 +20,6 @@ from fastrl.distributed.fsdp import is_fsdp
 from fastrl.models import ModelConfig, load_model_and_tokenizer
 from fastrl.trainers.core import OptimConfig, TrainConfig
 from fastrl.trainers.sft import run_sft
-from tests.trainers.rewards_fixtures import length_reward
 
 # Adam's first steps are ~lr * sign(grad): a large eps keeps rounding noise on gradients that are zero in
 # exact arithmetic (the attention key bias's) from turning into full-size weight differences.
@@ -60,12 +59,14 @@ def dpo_rows() -> list[dict]:
     ]
 
 
-def dpo_config(model_dir: str, out, *, seed: int, per_device_batch_size: int):
+def dpo_config(model_dir: str, out, *, seed: int, per_device_batch_size: int, lora: bool = False):
     from fastrl.data import DataConfig
+    from fastrl.models import LoraConfig
     from fastrl.trainers.dpo import DPORunConfig
 
     return DPORunConfig(
         model=ModelConfig(name_or_path=model_dir),
+        lora=LoraConfig(enabled=lora, r=4, alpha=8),
         data=DataConfig(max_length=32),
         optim=OptimConfig(**_OPTIM),
         train=_train(out, seed, per_device_batch_size=per_device_batch_size),
@@ -74,6 +75,12 @@ def dpo_config(model_dir: str, out, *, seed: int, per_device_batch_size: int):
 
 def grpo_rows() -> list[dict]:
     return [{"prompt": f"{i % 10}+{(7 * i) % 10}="} for i in range(16)]
+
+
+def spread_reward(completions, **_):
+    """A deterministic reward that differs between almost any two texts (random tiny models rarely stop
+    early, so a length reward would often be the same for the whole batch: zero advantages)."""
+    return [(sum(map(ord, c)) % 11) / 10 for c in completions]
 
 
 class PromptEngine:
@@ -152,15 +159,26 @@ def main() -> None:
     from fastrl.trainers.grpo import run_grpo
 
     res = run_grpo(
-        grpo_config(a.model, out / "grpo", seed=seed), dataset=grpo_rows(), reward_funcs=[length_reward]
+        grpo_config(a.model, out / "grpo", seed=seed), dataset=grpo_rows(), reward_funcs=[spread_reward]
     )
     result["grpo_history"] = res["history"]
     result["grpo_generate_calls"] = res["generate_calls"]
+    # Resume on 2 ranks from its checkpoint-1 (collective load, each rank's own RNG and rollout state).
+    cfg = grpo_config(a.model, out / "grpo_resumed", seed=seed)
+    cfg.train.resume_from_checkpoint = str(out / "grpo" / "checkpoint-1")
+    res = run_grpo(cfg, dataset=grpo_rows(), reward_funcs=[spread_reward])
+    result["grpo_resumed_history"] = res["history"]
+
+    # DPO with LoRA: the reference is the policy with its adapter disabled, through the sharded wrapper.
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
+    cfg = dpo_config(a.model, out / "dpo_lora", seed=seed, per_device_batch_size=2, lora=True)
+    res = run_dpo(cfg, model=model, tokenizer=tok, dataset=dpo_rows())
+    result["dpo_lora_history"], result["dpo_lora_weights"] = res["history"], full_model_state_dict(model)
 
     # GRPO with deterministic rollouts: comparable with one process on the whole generation batch.
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
     cfg = grpo_config(a.model, out / "grpo_exact", seed=seed)
-    res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[length_reward],
+    res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[spread_reward],
                    engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
     result["grpo_exact_history"], result["grpo_exact_weights"] = res["history"], full_model_state_dict(model)
     if dist_info().rank == 0:

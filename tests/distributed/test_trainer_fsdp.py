@@ -28,6 +28,7 @@ from tests.distributed._trainer_fsdp_worker import (
     grpo_rows,
     sft_config,
     sft_rows,
+    spread_reward,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,16 +103,24 @@ def test_dpo_on_two_ranks_matches_one_process(run, tmp_path):
     _assert_same_run(result["dpo_history"], result["dpo_weights"], want["history"], model)
 
 
+def test_dpo_lora_on_two_ranks_matches_one_process(run, tmp_path):
+    from fastrl.trainers.dpo import run_dpo
+
+    seed, model_dir, result, _ = run
+    cfg = dpo_config(model_dir, tmp_path, seed=seed, per_device_batch_size=4, lora=True)
+    want, model = _single_process(run_dpo, cfg, dpo_rows())
+    _assert_same_run(result["dpo_lora_history"], result["dpo_lora_weights"], want["history"], model)
+
+
 def test_grpo_on_two_ranks_matches_one_process(run, tmp_path):
     """Same rollouts (a deterministic engine): global advantages and the dapo normaliser (global tokens /
     world size) make the 2-rank run the 1-process run on the whole generation batch."""
     from fastrl.trainers.grpo import run_grpo
-    from tests.trainers.rewards_fixtures import length_reward
 
     seed, model_dir, result, _ = run
     cfg = grpo_config(model_dir, tmp_path, seed=seed, per_device_batch_size=8)
     cfg.train.export_final, cfg.train.save_steps = False, 0
-    want, model = _single_process(run_grpo, cfg, grpo_rows(), reward_funcs=[length_reward], engine="prompt")
+    want, model = _single_process(run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
     got = result["grpo_exact_history"]
     for g, w in zip(got, want["history"]):
         # (token means such as kl are means of the ranks' own token means: not compared)
@@ -130,6 +139,7 @@ def test_grpo_on_two_ranks_checkpoint_and_export_load(run):
     history = result["grpo_history"]
     assert [r["step"] for r in history] == [1, 2] and result["grpo_generate_calls"] == 2
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"], r["reward"]])).all() for r in history)
+    assert all(r["grad_norm"] > 0 for r in history)
     ckpt = out / "grpo" / "checkpoint-1"
     assert {"COMPLETE", "model.safetensors", "rng_rank0.pt", "rng_rank1.pt"} <= {
         p.name for p in ckpt.iterdir()
@@ -145,6 +155,10 @@ def test_grpo_on_two_ranks_checkpoint_and_export_load(run):
         assert torch.isfinite(logits).all()
         # two optimizer steps at lr 1e-2 moved the exported weights away from the checkpoint after one
         assert not torch.allclose(logits, model(ids).logits)
+    # resumed from checkpoint-1 on 2 ranks: the same step 2 as the uninterrupted run
+    (resumed,) = result["grpo_resumed_history"]
+    for key in ("loss", "grad_norm", "reward", "completion_length"):
+        assert resumed[key] == pytest.approx(history[1][key], rel=1e-6, abs=1e-9), key
     records = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 alone writes the log
 
@@ -180,3 +194,22 @@ def test_train_config_switches():
         with pytest.raises(ValueError, match="train.fsdp"):
             setup_distributed(TrainConfig(fsdp=True, device="cpu"))
         assert setup_distributed(TrainConfig(device="cpu")) == (torch.device("cpu"), False)
+
+
+def test_activation_checkpointing_switch_keeps_the_run(run, tmp_path):
+    """One process: train.activation_checkpointing wraps the layers and changes no number."""
+    from fastrl.distributed.activation_checkpoint import count_checkpointed
+    from fastrl.models import ModelConfig, load_model_and_tokenizer
+    from fastrl.trainers.sft import run_sft
+
+    seed, model_dir, _, _ = run
+    runs = {}
+    for mode in ("none", "full"):
+        cfg = sft_config(model_dir, tmp_path / mode, seed=seed, per_device_batch_size=4)
+        cfg.train.max_steps, cfg.train.export_final, cfg.train.activation_checkpointing = 2, False, mode
+        model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=model_dir))
+        runs[mode] = run_sft(cfg, model=model, tokenizer=tok, dataset=sft_rows())["history"]
+        assert count_checkpointed(model) == (2 if mode == "full" else 0)
+    for a, b in zip(runs["none"], runs["full"]):
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key

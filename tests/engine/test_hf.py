@@ -212,6 +212,12 @@ def test_eval_mode_no_grad_and_restore(model, tokenizer):
     model.eval()
     engine.generate(_prompts(tokenizer, [3]), SamplingParams(max_new_tokens=3))
     assert not model.training
+    # Mixed modes come back module by module (review fix: model.train(True) used to flip this one back).
+    model.train()
+    model.model.layers[0].eval()
+    engine.generate(_prompts(tokenizer, [3]), SamplingParams(max_new_tokens=3))
+    assert model.training and model.model.layers[1].training
+    assert not model.model.layers[0].training and not model.model.layers[0].self_attn.training
 
 
 def test_lora_model(model, tokenizer, seed):
@@ -240,6 +246,7 @@ def test_bad_inputs(model, tokenizer):
         ([[5, -1]], r"prompt_ids\[0\]"),
         ([[5, None]], r"prompt_ids\[0\].*None"),
         ([[5, 6.0]], r"prompt_ids\[0\]"),
+        ([[5, True]], r"prompt_ids\[0\].*True"),  # a bool is no token id (review fix)
         ("abc", "prompt_ids"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -257,6 +264,15 @@ def test_bad_inputs(model, tokenizer):
         ({"top_p": 0.0}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"stop_token_ids": [1.5]}, "stop_token_ids"),
+        # Review fixes: each of these used to pass silently or fail with a TypeError.
+        ({"stop_token_ids": 7}, "stop_token_ids"),
+        ({"stop_token_ids": [True]}, "stop_token_ids"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": "0.7"}, "temperature"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"seed": True}, "seed"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
@@ -273,6 +289,18 @@ def test_engine_config(model, tokenizer):
         EngineConfig(kind="vllm_server")
     with pytest.raises(ValueError, match="max_batch_size"):
         EngineConfig(max_batch_size=0)
+    # Review fixes: these used to raise TypeError or pass silently.
+    for bad, match in [
+        ({"kind": ["hf"]}, "kind"),
+        ({"gpu_memory_utilization": "0.5"}, "gpu_memory_utilization"),
+        ({"gpu_memory_utilization": float("nan")}, "gpu_memory_utilization"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+        ({"use_static_cache": "yes"}, "use_static_cache"),
+        ({"max_batch_size": True}, "max_batch_size"),
+        ({"compile_mode": ""}, "compile_mode"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            EngineConfig(**bad)
     with pytest.raises(ValueError, match="vllm"):
         build_engine(EngineConfig(kind="vllm"), model, tokenizer)
     with pytest.raises(ValueError, match="EngineConfig"):

@@ -28,6 +28,17 @@ def test_load(tiny_dir, dtype, expected):
         assert torch.equal(p, q.to(expected)), n
 
 
+@pytest.mark.parametrize(
+    "dtype, expected", [("auto", torch.bfloat16), ("float32", torch.float32), ("float16", torch.float16)]
+)
+def test_dtype_of_a_bf16_checkpoint(tmp_path_factory, dtype, expected):
+    # "auto" keeps the saved dtype (the fp32 checkpoint above cannot tell "auto" from a float32 default);
+    # an explicit dtype converts every parameter.
+    path = save_tiny(tmp_path_factory.mktemp("bf16"), seed=1, dtype=torch.bfloat16)
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(path), torch_dtype=dtype), device="cpu")
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
 def test_eager_attention(tiny_dir):
     model, _ = load_model_and_tokenizer(
         ModelConfig(name_or_path=str(tiny_dir), attn_implementation="eager"), device="cpu"
@@ -62,11 +73,19 @@ def test_pad_falls_back_to_eos(tmp_path):
     [
         ({"torch_dtype": "float64"}, "torch_dtype"),
         ({"attn_implementation": "flex"}, "attn_implementation"),
+        # Review fixes: these used to raise TypeError (unhashable) or pass until from_pretrained.
+        ({"torch_dtype": ["bfloat16"]}, "torch_dtype"),
+        ({"attn_implementation": ["sdpa"]}, "attn_implementation"),
+        ({"name_or_path": 3}, "name_or_path"),
+        ({"tokenizer_name_or_path": ""}, "tokenizer_name_or_path"),
+        ({"revision": 5}, "revision"),
+        ({"trust_remote_code": "yes"}, "trust_remote_code"),
+        ({"gradient_checkpointing": 1}, "gradient_checkpointing"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ModelConfig(name_or_path="x", **kwargs)
+        ModelConfig(**{"name_or_path": "x", **kwargs})
 
 
 def test_bad_load(tiny_dir):

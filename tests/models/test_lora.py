@@ -76,11 +76,18 @@ def test_disabled_config_returns_the_model(tokenizer):
         ({"dropout": 1.0}, "dropout"),
         ({"target_modules": "attention"}, "target_modules"),
         ({"target_modules": []}, "target_modules"),
+        # Review fixes: bools and infinities used to pass (r=True meant rank 1).
+        ({"r": True}, "r must"),
+        ({"r": 4.0}, "r must"),
+        ({"alpha": float("inf")}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"dropout": float("nan")}, "dropout"),
+        ({"enabled": "false"}, "enabled"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        LoraConfig(enabled=True, **kwargs)
+        LoraConfig(**{"enabled": True, **kwargs})
 
 
 def test_bad_apply(tokenizer):
