@@ -71,7 +71,7 @@ class GRPOConfig:
     log_entropy: bool = field(
         default=True,
         metadata={
-            "help": "Log the policy's entropy (costs a no-grad pass when old log-probs are not needed)."
+            "help": "Log the policy's mean completion-token entropy (from a pass the step makes anyway)."
         },
     )
     shuffle_rollouts: bool = field(default=True, metadata={"help": "Shuffle a round before splitting it."})
@@ -150,8 +150,14 @@ class GRPOStep:
         if loss_cfg.loss_type == "dr_grpo" and loss_cfg.max_completion_length is None:
             loss_cfg = dataclasses.replace(loss_cfg, max_completion_length=cfg.grpo.max_completion_length)
         self.loss_cfg = loss_cfg
+        # The entropy metric comes for free from the rollout's old-log-prob pass when there is one, else
+        # from the loss's own pass over the vocabulary (return_entropy): never from an extra sweep.
+        self.loss_entropy = cfg.grpo.log_entropy and not self.need_old
         self.loss_fn = FusedLinearGRPOLoss(
-            loss_cfg, temperature=cfg.grpo.temperature, chunk_size=cfg.grpo.chunk_size
+            loss_cfg,
+            temperature=cfg.grpo.temperature,
+            chunk_size=cfg.grpo.chunk_size,
+            return_entropy=self.loss_entropy,
         )
         info = dist_info()
         self.sampler = ShardedSampler(
@@ -192,7 +198,11 @@ class GRPOStep:
             )
 
         loss, metrics = self.policy(head, mb)
+        entropy = metrics.pop("entropy", None)
         metrics = {k: v for k, v in metrics.items() if k != "logp" and torch.as_tensor(v).numel() == 1}
+        if entropy is not None:
+            mask = mb["completion_mask"]
+            metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1.0)
         return loss, {**self.round_metrics, **metrics}
 
     def state_dict(self) -> dict:

@@ -133,7 +133,8 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
     spg, bs = trainer.steps_per_generation, cfg.train.per_device_batch_size
     device = trainer.device
     # Policy pass (old log-probs, and the entropy metric for free) only when needed; reference pass with beta.
-    policy_pass = trainer.need_old or g.log_entropy
+    # Without it the loss's own pass reports the entropy (GRPOStep.loss_entropy).
+    policy_pass = trainer.need_old
     entropy_sum = 0.0
     with torch.no_grad():
         for key, needed in (("old_logp", policy_pass), ("ref_logp", trainer.ref.needed)):
@@ -143,16 +144,18 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
             for start in range(0, N, bs):
                 mb = {k: v[start : start + bs].to(device) for k, v in batch.items()}
                 if key == "old_logp":
-                    lp, ent = completion_logps(trainer.policy, mb, temperature=g.temperature, entropy=True)
-                    entropy_sum += float((ent * mb["completion_mask"]).sum())
+                    out = completion_logps(
+                        trainer.policy, mb, temperature=g.temperature, entropy=g.log_entropy
+                    )
+                    lp, ent = out if g.log_entropy else (out, None)
+                    if ent is not None:
+                        entropy_sum += float((ent * mb["completion_mask"]).sum())
                     parts.append(lp.cpu())
                 else:
                     with trainer.ref.model() as ref_model:
                         parts.append(completion_logps(ref_model, mb, temperature=g.temperature).cpu())
-            if key == "old_logp":
+            if key == "old_logp" and g.log_entropy:
                 metrics["entropy"] = entropy_sum / max(float(mask.sum()), 1.0)
-                if not trainer.need_old:
-                    continue
             batch[key] = torch.cat(parts)
 
     if g.shuffle_rollouts:

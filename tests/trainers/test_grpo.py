@@ -221,3 +221,32 @@ def test_rollout_masks(tiny_dir, tmp_path, mask_truncated):
     assert metrics["truncated_frac"] == pytest.approx(1 / 3)
     assert metrics["completion_length"] == pytest.approx((2 + 4 + 4) / 3)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(("ga", "spg", "old_needed"), [(2, None, False), (1, 2, True)])
+def test_entropy_logged_without_an_extra_pass(tiny_dir, tmp_path, monkeypatch, seed, ga, spg, old_needed):
+    """The entropy metric comes from the old-log-prob pass when the schedule needs one, else from the
+    loss's own pass: the rollout never sweeps the vocabulary just for it."""
+    import fastrl.trainers.rollout as rollout
+
+    policy_passes = []
+    original = rollout.completion_logps
+
+    def spy(model, mb, **kw):
+        policy_passes.append(kw.get("entropy", False))
+        return original(model, mb, **kw)
+
+    monkeypatch.setattr(rollout, "completion_logps", spy)
+    g = GRPOConfig(
+        num_generations=4, max_completion_length=3, steps_per_generation=spg,
+        reward_funcs=[f"{FIX}:length_reward"], log_entropy=True,
+    )  # fmt: skip
+    cfg = _cfg(
+        tiny_dir, tmp_path, grpo=g, max_steps=2, gradient_accumulation_steps=ga, per_device_batch_size=4
+    )
+    model, tok = load_model_and_tokenizer(cfg.model)
+    out = run_grpo(cfg, model=model, tokenizer=tok, dataset=prompt_rows())
+    assert bool(policy_passes) == old_needed  # beta = 0: no reference pass either
+    vocab = model.config.vocab_size
+    for record in out["history"]:
+        assert 0.0 < record["entropy"] <= math.log(vocab) + 1e-4, record
