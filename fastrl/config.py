@@ -197,16 +197,21 @@ def _build(cls: type[T], data: Any, *, prefix: str, base: Any = None) -> T:
         if base is None and _section_type(hints[name]) is not None:
             current = _field_default(fields[name])
         kwargs[name] = _convert(hints[name], value, key=f"{prefix}{name}", current=current)
-    if base is not None:
-        return dataclasses.replace(base, **kwargs)
-    missing = [
-        f"{prefix}{n}"
-        for n, f in fields.items()
-        if n not in kwargs and f.default is _MISSING and f.default_factory is _MISSING
-    ]
-    if missing:
-        raise ValueError(f"missing required config key(s): {', '.join(missing)}")
-    return cls(**kwargs)
+    if base is None:
+        missing = [
+            f"{prefix}{n}"
+            for n, f in fields.items()
+            if n not in kwargs and f.default is _MISSING and f.default_factory is _MISSING
+        ]
+        if missing:
+            raise ValueError(f"missing required config key(s): {', '.join(missing)}")
+    try:
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
+    except ValueError as err:
+        # The section's own check (``__post_init__``) names its field; say which section it sits in.
+        if not prefix:
+            raise
+        raise ValueError(f"config section {prefix.rstrip('.')!r}: {err}") from err
 
 
 def _convert(tp: Any, value: Any, *, key: str, current: Any = None) -> Any:

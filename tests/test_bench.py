@@ -338,6 +338,23 @@ def test_out_that_is_a_file_exits_2_without_running(tmp_path, capsys):
     assert not_a_dir.read_text() == "x"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_anchor_ceilings_only_for_16_bit_matmuls(monkeypatch, dtype):
+    # Review fix: an H200 fp32 run used the bf16 matmul ceiling (790 TFLOP/s), so its floors were ~16x
+    # too low; fp32 now measures its own ceiling.
+    from fastrl.bench import floors
+
+    measured = floors.Ceilings(tflops=50.0, tbps=3.0, source="measured in this run")
+    monkeypatch.setattr(floors, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(floors, "measure_ceilings", lambda device, dtype: measured)
+    got = floors.ceilings(torch.device("cuda"), dtype)
+    if dtype == torch.float32:
+        assert got is measured
+    else:
+        assert (got.tflops, got.tbps) == (790.0, 4.3) and "ANCHORS.md" in got.source
+    assert floors.ceilings(torch.device("cpu"), torch.bfloat16) is measured  # a CPU never uses the anchors
+
+
 @pytest.mark.gpu
 def test_gpu_timing_and_memory_use_cuda_counters():
     dev = torch.device("cuda")

@@ -49,6 +49,21 @@ class Run:
 
 
 @dataclass(kw_only=True)
+class Checked:
+    n: int = field(default=1, metadata={"help": "Count."})
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass(kw_only=True)
+class Outer:
+    inner: Checked = field(default_factory=Checked, metadata={"help": "A checked section."})
+    deep: Optional[Outer] = field(default=None, metadata={"help": "Nested again."})
+
+
+@dataclass(kw_only=True)
 class Required:
     path: str = field(metadata={"help": "Required path."})
     n: int = field(default=1, metadata={"help": "Count."})
@@ -193,6 +208,15 @@ def test_optional_scalar_takes_every_spelling_of_none(tmp_path, text):
     assert load_config(Run, None, ["--max_samples", "7"]).max_samples == 7
     with pytest.raises(ValueError, match="'steps' expects int"):
         load_config(Run, None, ["--steps", text])  # not Optional: None stays an error
+
+
+def test_a_sections_own_check_names_the_section(tmp_path):
+    # Review fix: the section's ValueError ("n must be >= 1") did not say which section held n.
+    with pytest.raises(ValueError, match=r"config section 'inner': n must be >= 1, got 0"):
+        load_config(Outer, None, ["--inner.n", "0"])
+    with pytest.raises(ValueError, match=r"config section 'deep\.inner': n must be >= 1"):
+        load_config(Outer, _yaml(tmp_path, {"deep": {"inner": {"n": -2}}}), [])
+    assert load_config(Outer, None, ["--inner.n", "3"]).inner.n == 3
 
 
 def test_help_lists_every_key_with_type_default_and_help():

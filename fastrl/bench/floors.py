@@ -1,10 +1,11 @@
 """The floors the ratios are taken to: matrix work at the card's matmul ceiling, memory traffic at its
 bandwidth ceiling.
 
-On an H200 the ceilings are ANCHORS.md's measured ones (790 TFLOP/s dense bf16, 4.3 TB/s), so ratios match
-the anchor tables. Anywhere else they are measured at the start of the run (one large matmul in the bench
-dtype, one large copy) and the JSON says so: spec-sheet numbers (989 TFLOP/s for an H100 SXM) are never
-reached by a real matmul and would make every floor look further away than it is.
+On an H200 running bf16/fp16 the ceilings are ANCHORS.md's measured ones (790 TFLOP/s dense bf16,
+4.3 TB/s), so ratios match the anchor tables. Anywhere else (and for fp32 on an H200) they are measured at
+the start of the run (one large matmul in the bench dtype, one large copy) and the JSON says so: spec-sheet
+numbers (989 TFLOP/s for an H100 SXM) are never reached by a real matmul and would make every floor look
+further away than it is.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 
 from fastrl.bench.harness import device_name, synchronize
 
-# name fragment -> (TFLOP/s, TB/s) measured on that card (ANCHORS.md).
+# name fragment -> (TFLOP/s, TB/s) measured on that card (ANCHORS.md), for 16-bit (bf16/fp16) matmuls:
+# an fp32 run (TF32 or not) has a far lower matmul ceiling and measures its own.
 KNOWN = {"H200": (790.0, 4.3)}
+KNOWN_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -36,7 +39,7 @@ class Ceilings:
 def ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
     name = device_name(device)
     for fragment, (tflops, tbps) in KNOWN.items():
-        if device.type == "cuda" and fragment in name:
+        if device.type == "cuda" and dtype in KNOWN_DTYPES and fragment in name:
             return Ceilings(tflops=tflops, tbps=tbps, source=f"{fragment}: measured ceilings from ANCHORS.md")
     return measure_ceilings(device, dtype)
 

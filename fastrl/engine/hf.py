@@ -41,10 +41,14 @@ class HFEngine(Engine):
 
     def __init__(self, model: nn.Module, tokenizer, cfg: EngineConfig | None = None):
         cfg = EngineConfig() if cfg is None else cfg
+        if not isinstance(cfg, EngineConfig):
+            raise ValueError(f"cfg must be an EngineConfig, got {type(cfg).__name__}")
         if cfg.kind != "hf":
             raise ValueError(f"HFEngine needs an EngineConfig of kind 'hf', got {cfg.kind!r}")
         self.cfg = cfg
         self.model = model
+        if not hasattr(tokenizer, "eos_token_id") or not hasattr(tokenizer, "pad_token_id"):
+            raise ValueError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
         lm = causal_lm(model)
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         gen_eos = getattr(lm.generation_config, "eos_token_id", None)

@@ -5,10 +5,10 @@ fastrl never lets the model apply its lm_head during training: ``backbone_hidden
 loss kernels compute ``hidden @ weight.T + bias`` chunk by chunk, never holding [tokens, vocab] logits.
 So ``model(input_ids).logits == backbone_hidden(model, input_ids) @ weight.T (+ bias)``.
 
-Both accept the bare model, a PEFT wrapper, a ``torch.compile``-d module and a DDP-style ``.module``
-wrapper. ``backbone_hidden`` calls the decoder module (``get_decoder()``) directly, so under FSDP2 the
-decoder must be its own ``fully_shard`` unit for its parameters to be gathered (the root's hooks do not
-run).
+Both accept the bare model, a PEFT wrapper, a ``torch.compile``-d module, a DDP-style ``.module``
+wrapper and a ``fastrl.models.Policy``. ``backbone_hidden`` calls the decoder module (``get_decoder()``)
+directly, so under FSDP2 the decoder must be its own ``fully_shard`` unit for its parameters to be
+gathered (the root's hooks do not run).
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ from transformers import PreTrainedModel
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` (``_orig_mod``) and DDP-style (``.module``) wrappers; PEFT stays."""
+    """Strip ``torch.compile`` (``_orig_mod``), DDP-style (``.module``) and fastrl ``Policy`` (``.model``)
+    wrappers; PEFT stays."""
+    from fastrl.models.policy import Policy  # policy.py imports this module
+
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
+        elif isinstance(model, Policy):
+            model = model.model
         else:
             return model
 

@@ -306,6 +306,11 @@ def test_engine_config(model, tokenizer):
     with pytest.raises(ValueError, match="EngineConfig"):
         build_engine({"kind": "hf"}, model, tokenizer)
     assert isinstance(build_engine(EngineConfig(), model, tokenizer), HFEngine)
+    # Review fix: these used to fail with AttributeError.
+    with pytest.raises(ValueError, match="tokenizer"):
+        HFEngine(model, None)
+    with pytest.raises(ValueError, match="cfg"):
+        HFEngine(model, tokenizer, {"kind": "hf"})
 
 
 @pytest.mark.gpu

@@ -92,6 +92,28 @@ def test_peft_wrapped(tokenizer, seed):
     assert lm_head_params(model)[0] is causal_lm(model).lm_head.weight
 
 
+def test_policy_wrapper_is_seen_through(tokenizer, seed):
+    # Review fix: causal_lm / peft_model / adapter_disabled refused fastrl's own Policy wrapper.
+    from fastrl.models.heads import peft_model
+    from fastrl.models.lora import LoraConfig, adapter_disabled, apply_lora
+    from fastrl.models.policy import Policy
+
+    model = apply_lora(build_tiny_model(tokenizer, seed=seed, init_std=0.1), LoraConfig(enabled=True, r=2))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    policy = Policy(model)
+    assert peft_model(policy) is model and causal_lm(policy) is model.get_base_model()
+    assert lm_head_params(policy)[0] is lm_head_params(model)[0]
+    ids = torch.randint(5, len(tokenizer), (2, 6))
+    with torch.no_grad():
+        adapted = backbone_hidden(policy, ids)
+        with adapter_disabled(policy):
+            base = backbone_hidden(policy, ids)
+            torch.testing.assert_close(base, backbone_hidden(model, ids), rtol=0, atol=0)
+    assert not torch.allclose(adapted, base)
+
+
 def test_lora_on_lm_head(tokenizer, seed):
     base = build_tiny_model(tokenizer, seed=seed, init_std=0.1)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
