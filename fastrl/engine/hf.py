@@ -30,6 +30,7 @@ from transformers import StaticCache
 from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams
 from fastrl.engine.sampling import sample_next
 from fastrl.models.heads import causal_lm
+from fastrl.models.modes import eval_mode
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -79,22 +80,15 @@ class HFEngine(Engine):
         stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), device=device)
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         results: list = [None] * len(prompt_ids)
-        # Dropout off while sampling; each module's own mode comes back below (a plain train(was_training)
-        # would flip a submodule the caller keeps in eval, e.g. a frozen part, back into train mode).
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(order), self.cfg.max_batch_size):
-                    chunk = order[start : start + self.cfg.max_batch_size]
-                    batch = self._generate_batch(
-                        lm, [prompt_ids[i] for i in chunk], params, stop_ids, generator, device
-                    )
-                    for i, row in zip(chunk, batch):
-                        results[i] = row
-        finally:
-            for m, training in modes:
-                m.training = training
+        # Dropout off while sampling; each module's own mode comes back afterwards.
+        with eval_mode(self.model), torch.no_grad():
+            for start in range(0, len(order), self.cfg.max_batch_size):
+                chunk = order[start : start + self.cfg.max_batch_size]
+                batch = self._generate_batch(
+                    lm, [prompt_ids[i] for i in chunk], params, stop_ids, generator, device
+                )
+                for i, row in zip(chunk, batch):
+                    results[i] = row
         ids, logps, truncated = zip(*results) if results else ((), (), ())
         return GenerationOutput(completion_ids=list(ids), logprobs=list(logps), truncated=list(truncated))
 

@@ -23,6 +23,7 @@ from fastrl.models import (
     backbone_hidden,
     lm_head_params,
 )
+from fastrl.models.modes import eval_mode
 from fastrl.models.policy import Policy, as_policy
 
 
@@ -50,13 +51,8 @@ class Reference:
             with torch.no_grad():
                 yield self.frozen
             return
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            with torch.no_grad(), adapter_disabled(self.policy):
-                yield self.wrapper if self.wrapper is not None else self.policy
-        finally:
-            self.policy.train(was_training)
+        with eval_mode(self.policy), torch.no_grad(), adapter_disabled(self.policy):
+            yield self.wrapper if self.wrapper is not None else self.policy
 
 
 def setup_policy(

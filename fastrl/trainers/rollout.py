@@ -73,6 +73,7 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
     from fastrl.distributed.env import all_reduce_mean, dist_info, is_distributed
     from fastrl.distributed.fsdp import gathered
     from fastrl.engine import SamplingParams
+    from fastrl.models.modes import eval_mode
 
     info = dist_info()
 
@@ -86,15 +87,12 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
         top_k=g.top_k,
         seed=cfg.train.seed * 1_000_003 + generation + 7919 * info.rank,
     )
-    was_training = trainer.model.training
-    trainer.model.eval()
     # Generation runs inside the policy's forward (FSDP's root gathers the embeddings and lm_head), with
     # every layer kept gathered for the round: one all-gather per layer, however many decode steps each
     # rank takes, so ranks that stop early cannot desynchronise the collectives.
-    with torch.no_grad(), gathered(trainer.policy):
+    with eval_mode(trainer.model), torch.no_grad(), gathered(trainer.policy):
         trainer.engine.sync_weights(trainer.model)  # the weights changed since the last round
         out = trainer.policy.run(lambda _: trainer.engine.generate(prompt_ids, params))
-    trainer.model.train(was_training)
     trainer.generate_calls += 1
 
     completions = [cut_at_eos(c, tok.eos_token_id) for c in out.completion_ids]

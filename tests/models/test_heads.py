@@ -154,3 +154,16 @@ def test_bad_inputs(tokenizer):
         backbone_hidden(model, ids, None, torch.zeros(2, 6))
     with pytest.raises(ValueError, match="PreTrainedModel"):
         lm_head_params(torch.nn.Linear(2, 2))
+
+
+def test_eval_mode_restores_each_modules_own_mode():
+    from torch import nn
+
+    from fastrl.models.modes import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Sequential(nn.Dropout(0.1)))
+    model.train()
+    model[2].eval()  # a part the caller keeps in eval
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[1].training and not model[2].training and not model[2][0].training
