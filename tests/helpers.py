@@ -2,8 +2,9 @@
 
 Tolerance rule (after Cut Cross-Entropy's): a kernel passes when its error against a float64 truth is at
 most PyTorch's own error at the same input dtype plus a small absolute term, elementwise:
-``|truth - kernel| <= factor * max(|truth - torch|, mean|truth - torch|) + atol``; the mean floor keeps an
-element where PyTorch happens to round exactly from demanding the same luck of the kernel. A failure prints
+``|truth - kernel| <= factor * max(|truth - torch|, q90(|truth - torch|)) + atol``; the floor (PyTorch's
+90th-percentile error over the tensor) keeps an element where PyTorch happens to round exactly from
+demanding the same luck of the kernel. A failure prints
 the worst indices.
 """
 
@@ -26,7 +27,7 @@ def assert_close_to_truth(
     factor: float = 2.0,
     atol: float | None = None,
 ) -> None:
-    """``|truth - kernel| <= factor * max(|truth - reference|, mean |truth - reference|) + atol`` elementwise,
+    """``|truth - kernel| <= factor * max(|truth - reference|, q90 |truth - reference|) + atol`` elementwise,
     with a mismatch report.
 
     ``reference`` is the plain PyTorch computation at the same input dtype, so the bound is PyTorch's own
@@ -37,12 +38,14 @@ def assert_close_to_truth(
     k, r, t = kernel.double(), reference.double(), truth.double()
     both_nonfinite = ~torch.isfinite(t) & (k == t)
     err = (k - t).abs()
-    # PyTorch's error at each element, floored at its mean error over the tensor: two computations with
-    # different (equally valid) rounding orders each err by about the same amount, so where PyTorch's error
-    # is accidentally ~0 at one element the pointwise bound alone would be flaky.
+    # PyTorch's error at each element, floored at its 90th-percentile error over the tensor: two
+    # computations with different (equally valid) rounding orders each err by about the same amount, so
+    # where PyTorch's error is accidentally ~0 at one element the pointwise bound alone would be flaky
+    # (seen on fp32 reductions over a 50k vocabulary). A percentile, not the max, so that a few outliers
+    # of PyTorch's do not widen the bound everywhere.
     ref_err = (r - t).abs()
-    finite = torch.isfinite(ref_err)
-    typical = ref_err[finite].mean() if bool(finite.any()) else ref_err.new_zeros(())
+    finite = ref_err[torch.isfinite(ref_err)]
+    typical = finite.quantile(0.9) if finite.numel() else ref_err.new_zeros(())
     bound = factor * torch.maximum(ref_err, typical) + atol
     bad = ~((err <= bound) | both_nonfinite)
     if bool(bad.any()):

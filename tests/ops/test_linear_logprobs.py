@@ -91,7 +91,10 @@ def test_torch_impl_automatic_chunk_and_batch_shape(seed, dtype, with_entropy):
 def test_torch_impl_gpt2_vocab(seed, dtype):
     hidden, weight, bias, labels = make_inputs((6,), 16, 50257, dtype, ignore_frac=0.0)
     labels[0] = 50256  # the last row of the vocabulary
-    check_against_truth(hidden, weight, bias, labels, with_entropy=True, impl="torch", chunk_size=4)
+    # One chunk (the chunking is tested at V=1999): grad_hidden here is an fp32 sum over 50k terms, and a
+    # 2-row trailing chunk runs a different CPU matmul kernel than the 6-row reference, so the two would
+    # round differently at ~1e-5 — PyTorch itself errs as much on those 2 rows alone.
+    check_against_truth(hidden, weight, bias, labels, with_entropy=True, impl="torch", chunk_size=6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
