@@ -64,9 +64,11 @@ def test_chunked_forward_backward_peak_is_under_15_percent_of_eager(seed):
     chunked_peak = peak_extra_bytes(chunked)
     print(f"extra memory, forward+backward: eager fp32 {eager_peak / 2**20:.1f} MiB, "
           f"linear_logprobs {chunked_peak / 2**20:.1f} MiB ({chunked_peak / eager_peak:.1%})")  # fmt: skip
-    # The same gradients (so the measured runs did the same work), then the memory bound.
-    torch.testing.assert_close(hidden.grad, eager_grads[0], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(weight.grad, eager_grads[1], rtol=1e-4, atol=1e-6)
+    # The same gradients (so the measured runs did the same work; accuracy against float64 is tested in
+    # test_linear_logprobs.py), then the memory bound. grad_weight sums 4096 fp32 terms per element in a
+    # different order (chunks): a 1e-6 atol flaked on 1 of 8M elements, so the slack is sqrt(N) fp32 ulps.
+    torch.testing.assert_close(hidden.grad, eager_grads[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, eager_grads[1], rtol=1e-4, atol=1e-5)
     gradients = (N * H + V * H) * 4
     numbers = f"eager {eager_peak} B, chunked {chunked_peak} B, gradients {gradients} B"
     assert eager_peak > 3 * N * V * 4, numbers  # sanity: eager holds several [N, V] fp32 tensors at once
