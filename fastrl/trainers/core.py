@@ -31,6 +31,9 @@ from typing import Protocol
 
 import torch
 
+from fastrl.data import DataConfig
+from fastrl.models import LoraConfig, ModelConfig
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -96,6 +99,17 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.save_steps < 0:
             raise ValueError(f"train.save_steps must be >= 0, got {self.save_steps}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The sections every run has; each trainer's run config adds its own (``sft``, ``dpo``, ``grpo``...)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model to train."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (PEFT)."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Loop, logging, checkpoints."})
 
 
 class TrainStep(Protocol):

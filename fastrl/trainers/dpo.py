@@ -15,7 +15,6 @@ import torch
 from fastrl.data import DataConfig, collate_dpo, dpo_example, load_data, require_columns
 from fastrl.data.sampler import ShardedSampler
 from fastrl.distributed.env import dist_info
-from fastrl.models import LoraConfig, ModelConfig
 from fastrl.models.policy import as_policy
 from fastrl.trainers.common import (
     as_dataset,
@@ -25,7 +24,7 @@ from fastrl.trainers.common import (
     to_device,
     token_logps,
 )
-from fastrl.trainers.core import OptimConfig, TrainConfig, setup_distributed, train
+from fastrl.trainers.core import RunConfig, setup_distributed, train
 
 
 @dataclass(kw_only=True)
@@ -48,14 +47,9 @@ class DPOConfig:
 
 
 @dataclass(kw_only=True)
-class DPORunConfig:
+class DPORunConfig(RunConfig):
     """A complete DPO run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model to train."})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (PEFT)."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data."})
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Loop, logging, checkpoints."})
     dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "DPO options."})
 
 

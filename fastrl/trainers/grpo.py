@@ -28,11 +28,10 @@ from fastrl.data.sampler import ShardedSampler
 from fastrl.distributed.env import dist_info
 from fastrl.engine import EngineConfig, build_engine
 from fastrl.losses.grpo_config import GRPOLossConfig
-from fastrl.models import LoraConfig, ModelConfig
 from fastrl.models.policy import as_policy
 from fastrl.rewards import SCALE_REWARDS, resolve_reward
 from fastrl.trainers.common import as_dataset, parallelize, seed_everything, setup_policy, to_device
-from fastrl.trainers.core import OptimConfig, TrainConfig, setup_distributed, train
+from fastrl.trainers.core import RunConfig, setup_distributed, train
 from fastrl.trainers.rollout import make_rollout
 
 
@@ -89,14 +88,10 @@ class GRPOConfig:
 
 
 @dataclass(kw_only=True)
-class GRPORunConfig:
+class GRPORunConfig(RunConfig):
     """A complete GRPO run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model to train."})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (PEFT)."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompts (plus reward columns)."})
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Loop, logging, checkpoints."})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Generation and rewards."})
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig, metadata={"help": "The GRPO loss."})
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "The generation engine."})

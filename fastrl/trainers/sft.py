@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from fastrl.data import DataConfig, collate_lm, collate_packed, load_data, sft_example
 from fastrl.data.sampler import ShardedSampler
 from fastrl.distributed.env import dist_info
-from fastrl.models import LoraConfig, ModelConfig
 from fastrl.models.policy import as_policy
 from fastrl.trainers.common import (
     as_dataset,
@@ -22,7 +21,7 @@ from fastrl.trainers.common import (
     to_device,
     token_logps,
 )
-from fastrl.trainers.core import OptimConfig, TrainConfig, setup_distributed, train
+from fastrl.trainers.core import RunConfig, setup_distributed, train
 
 
 @dataclass(kw_only=True)
@@ -47,14 +46,9 @@ class SFTConfig:
 
 
 @dataclass(kw_only=True)
-class SFTRunConfig:
+class SFTRunConfig(RunConfig):
     """A complete SFT run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model to train."})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (PEFT)."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data."})
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Loop, logging, checkpoints."})
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "SFT options."})
 
 
