@@ -57,10 +57,14 @@ def test_memory_reader_sees_a_new_allocation():
     # Earlier tests' garbage freed between the baseline and the allocation would lower RSS under the
     # baseline (the bench itself measures in a fresh worker process, where this cannot happen).
     gc.collect()
-    mem = grpo_step._Memory(cuda=False)
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert mem.peak_mib() >= 60
-    del block
+    gc.disable()
+    try:
+        mem = grpo_step._Memory(cuda=False)
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        assert mem.peak_mib() >= 60
+        del block
+    finally:
+        gc.enable()
 
 
 def test_a_failing_worker_is_a_fails_row(tmp_path):
