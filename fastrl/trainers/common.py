@@ -114,6 +114,22 @@ def global_mean_count(count: torch.Tensor) -> torch.Tensor:
     return all_reduce_mean(count.double()).float() if is_distributed() else count
 
 
+def setup_run(
+    cfg, device: torch.device, fsdp: bool, *, need_reference: bool, model=None, tokenizer=None, dataset=None
+):
+    """What every trainer does before its own step: the policy (and reference) set up and parallelised,
+    and the dataset (given in memory, or loaded from ``cfg.data``). Returns
+    ``(model, tokenizer, ref, policy, dataset)``."""
+    from fastrl.data import load_data
+
+    model, tokenizer, ref = setup_policy(
+        cfg.model, cfg.lora, device, need_reference=need_reference, model=model, tokenizer=tokenizer
+    )
+    policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
+    dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
+    return model, tokenizer, ref, policy, dataset
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

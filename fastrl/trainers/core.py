@@ -299,3 +299,16 @@ def train(
     if train_cfg.export_final:  # collective under FSDP: every rank calls, rank 0 writes
         export_hf(model, tokenizer, out / "final")
     return {**(history[-1] if history else {}), "history": history}
+
+
+def train_run(step: TrainStep, cfg: RunConfig, *, model: torch.nn.Module, tokenizer, desc: str) -> dict:
+    """``train`` with the sections of a run config (LoRA runs save and export only the adapter)."""
+    return train(
+        step,
+        model=model,
+        tokenizer=tokenizer,
+        train_cfg=cfg.train,
+        optim_cfg=cfg.optim,
+        adapter_only=cfg.lora.enabled,
+        desc=desc,
+    )

@@ -12,19 +12,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrl.data import DataConfig, collate_dpo, dpo_example, load_data, require_columns
+from fastrl.data import DataConfig, collate_dpo, dpo_example, require_columns
 from fastrl.data.sampler import ShardedSampler
 from fastrl.distributed.env import dist_info
 from fastrl.models.policy import as_policy
 from fastrl.trainers.common import (
-    as_dataset,
-    parallelize,
     seed_everything,
-    setup_policy,
+    setup_run,
     to_device,
     token_logps,
 )
-from fastrl.trainers.core import RunConfig, setup_distributed, train
+from fastrl.trainers.core import RunConfig, setup_distributed, train_run
 
 
 @dataclass(kw_only=True)
@@ -172,21 +170,11 @@ def run_dpo(cfg: DPORunConfig, *, model=None, tokenizer=None, dataset=None) -> d
     ``dataset`` may be given in memory instead of by name."""
     seed_everything(cfg.train.seed)
     device, fsdp = setup_distributed(cfg.train)
-    model, tokenizer, ref = setup_policy(
-        cfg.model, cfg.lora, device, need_reference=True, model=model, tokenizer=tokenizer
+    model, tokenizer, ref, policy, dataset = setup_run(
+        cfg, device, fsdp, need_reference=True, model=model, tokenizer=tokenizer, dataset=dataset
     )
-    policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
-    dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     examples = tokenize_dpo(dataset, tokenizer, cfg.data)
     step = DPOStep(policy, ref, tokenizer, examples, cfg, device)
     if cfg.dpo.precompute_ref_log_probs:
         ref.frozen = None  # the frozen copy is no longer needed: free its memory
-    return train(
-        step,
-        model=model,
-        tokenizer=tokenizer,
-        train_cfg=cfg.train,
-        optim_cfg=cfg.optim,
-        adapter_only=cfg.lora.enabled,
-        desc="dpo",
-    )
+    return train_run(step, cfg, model=model, tokenizer=tokenizer, desc="dpo")

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrl.data import DataConfig, encode_prompt, load_data, require_columns
+from fastrl.data import DataConfig, encode_prompt, require_columns
 from fastrl.data.sampler import ShardedSampler
 from fastrl.distributed.env import dist_info
 from fastrl.engine import EngineConfig, build_engine
 from fastrl.losses.grpo_config import GRPOLossConfig
 from fastrl.models.policy import as_policy
 from fastrl.rewards import SCALE_REWARDS, resolve_reward
-from fastrl.trainers.common import as_dataset, parallelize, seed_everything, setup_policy, to_device
-from fastrl.trainers.core import RunConfig, setup_distributed, train
+from fastrl.trainers.common import seed_everything, setup_run, to_device
+from fastrl.trainers.core import RunConfig, setup_distributed, train_run
 from fastrl.trainers.rollout import make_rollout
 
 
@@ -285,23 +285,19 @@ def run_grpo(
             f"under train.fsdp the engine must be engine.kind 'hf' without engine.compile, got "
             f"kind={cfg.engine.kind!r} compile={cfg.engine.compile}"
         )
-    model, tokenizer, ref = setup_policy(
-        cfg.model, cfg.lora, device, need_reference=cfg.loss.beta != 0, model=model, tokenizer=tokenizer
+    model, tokenizer, ref, policy, dataset = setup_run(
+        cfg,
+        device,
+        fsdp,
+        need_reference=cfg.loss.beta != 0,
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
     )
-    policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
-    dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     rows = prepare_prompts(dataset, tokenizer, cfg.data)
     if engine is None:
         engine = build_engine(cfg.engine, model, tokenizer)
     step = GRPOStep(policy, ref, tokenizer, rows, funcs, engine, cfg, device)
-    out = train(
-        step,
-        model=model,
-        tokenizer=tokenizer,
-        train_cfg=cfg.train,
-        optim_cfg=cfg.optim,
-        adapter_only=cfg.lora.enabled,
-        desc="grpo",
-    )
+    out = train_run(step, cfg, model=model, tokenizer=tokenizer, desc="grpo")
     out["generate_calls"] = step.generate_calls
     return out

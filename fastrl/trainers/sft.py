@@ -9,19 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastrl.data import DataConfig, collate_lm, collate_packed, load_data, sft_example
+from fastrl.data import DataConfig, collate_lm, collate_packed, sft_example
 from fastrl.data.sampler import ShardedSampler
 from fastrl.distributed.env import dist_info
 from fastrl.models.policy import as_policy
 from fastrl.trainers.common import (
-    as_dataset,
     global_mean_count,
-    parallelize,
-    setup_policy,
+    setup_run,
     to_device,
     token_logps,
 )
-from fastrl.trainers.core import RunConfig, setup_distributed, train
+from fastrl.trainers.core import RunConfig, setup_distributed, train_run
 
 
 @dataclass(kw_only=True)
@@ -150,19 +148,9 @@ def run_sft(cfg: SFTRunConfig, *, model=None, tokenizer=None, dataset=None) -> d
 
     seed_everything(cfg.train.seed)
     device, fsdp = setup_distributed(cfg.train)
-    model, tokenizer, ref = setup_policy(
-        cfg.model, cfg.lora, device, need_reference=False, model=model, tokenizer=tokenizer
+    model, tokenizer, ref, policy, dataset = setup_run(
+        cfg, device, fsdp, need_reference=False, model=model, tokenizer=tokenizer, dataset=dataset
     )
-    policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
-    dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     examples = tokenize_sft(dataset, tokenizer, cfg.data, cfg.sft)
     step = SFTStep(policy, tokenizer, examples, cfg, device)
-    return train(
-        step,
-        model=model,
-        tokenizer=tokenizer,
-        train_cfg=cfg.train,
-        optim_cfg=cfg.optim,
-        adapter_only=cfg.lora.enabled,
-        desc="sft",
-    )
+    return train_run(step, cfg, model=model, tokenizer=tokenizer, desc="sft")
