@@ -54,3 +54,34 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 def check_temperature(temperature: float) -> None:
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eager autograd without the custom-op dispatcher
+# ---------------------------------------------------------------------------------------------------------
+# An eager call of a ``torch.library.custom_op`` imports ``torch._dynamo`` (its backend kernel is wrapped in
+# ``torch._compile._disable_dynamo``), and ``torch._dynamo`` imports Triton: about 1 s and 150 MiB the first
+# time, paid by every CPU user of the torch path. The ops keep their custom-op registration for
+# torch.compile / export, and run eager calls through a plain ``autograd.Function`` built from the same
+# forward, setup_context and backward, so both paths share one implementation.
+
+
+def use_eager_path() -> bool:
+    """True outside torch.compile / export tracing and any dispatch mode (FakeTensor, make_fx, ...), where
+    only the custom op is traceable."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` subclass named ``name`` with ``forward(*inputs)``, ``setup_context(ctx,
+    inputs, output)`` and ``backward(ctx, *grads)``, the signatures ``torch.library.register_autograd``
+    takes."""
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )

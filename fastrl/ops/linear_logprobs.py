@@ -48,7 +48,9 @@ from fastrl.ops._common import (
     check_labels,
     check_same_device,
     check_temperature,
+    eager_function,
     resolve_impl,
+    use_eager_path,
 )
 
 __all__ = [
@@ -373,8 +375,7 @@ def _forward_impl(hidden, weight, bias, labels, temperature, ignore_index, with_
                   with_entropy=with_entropy, chunk_size=chunk_size)  # fmt: skip
 
 
-@torch.library.custom_op("fastrl::linear_logprobs_fwd", mutates_args=())
-def _fwd_op(
+def _fwd_body(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     temperature: float, ignore_index: int, with_entropy: bool, impl: str, chunk_size: int, recompute: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -385,6 +386,9 @@ def _fwd_op(
     return logp, lse, ent if ent is not None else lse.new_empty(0)
 
 
+_fwd_op = torch.library.custom_op("fastrl::linear_logprobs_fwd", _fwd_body, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, impl, chunk_size, recompute):
     n = hidden.shape[0]
@@ -393,8 +397,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, imp
     return logp, lse, logp.new_empty(n if with_entropy else 0)
 
 
-@torch.library.custom_op("fastrl::linear_logprobs_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_body(
     dlogp: torch.Tensor, dentropy: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor,
     bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
     temperature: float, ignore_index: int, impl: str, chunk_size: int, recompute: bool,
@@ -426,6 +429,9 @@ def _bwd_op(
     return tuple(g if g is not None else empty.clone() for g in (gh, gw, gb))
 
 
+_bwd_op = torch.library.custom_op("fastrl::linear_logprobs_bwd", _bwd_body, mutates_args=())
+
+
 @_bwd_op.register_fake
 def _(dlogp, dentropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, impl,
       chunk_size, recompute, need_hidden, need_weight, need_bias):  # fmt: skip
@@ -444,22 +450,33 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (temperature, ignore_index, impl, chunk_size, recompute)
 
 
-def _backward(ctx, dlogp, dlse, dentropy):
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, impl, chunk_size, recompute = ctx.options
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if dlogp is None:
-        dlogp = torch.zeros_like(lse)
-    if entropy is None:
-        dentropy = None
-    elif dentropy is None:
-        dentropy = torch.zeros_like(lse)
-    gh, gw, gb = _bwd_op(dlogp, dentropy, hidden, weight, bias, labels, lse, entropy, temperature,
+def _make_backward(bwd):
+    """The backward of ``linear_logprobs_fwd`` over ``bwd``: the custom op under torch.compile, its plain
+    Python body on the eager path (``_common.eager_function``)."""
+
+    def backward(ctx, dlogp, dlse, dentropy):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, impl, chunk_size, recompute = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if dlogp is None:
+            dlogp = torch.zeros_like(lse)
+        if entropy is None:
+            dentropy = None
+        elif dentropy is None:
+            dentropy = torch.zeros_like(lse)
+        gh, gw, gb = bwd(dlogp, dentropy, hidden, weight, bias, labels, lse, entropy, temperature,
                          ignore_index, impl, chunk_size, recompute, need_h, need_w, need_b)  # fmt: skip
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 7
+        return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 7
+
+    return backward
 
 
-torch.library.register_autograd("fastrl::linear_logprobs_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "fastrl::linear_logprobs_fwd", _make_backward(_bwd_op), setup_context=_setup_context
+)
+_EagerLinearLogprobs = eager_function(
+    "_EagerLinearLogprobs", _fwd_body, _setup_context, _make_backward(_bwd_body)
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -498,8 +515,9 @@ def linear_logprobs(
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     n = hidden_NH.shape[0]
     chunk = chunk_size or default_chunk_size(n, weight.shape[0], hidden.element_size(), hidden.device)
-    logp, _, entropy = _fwd_op(hidden_NH, weight, bias, labels_N, float(temperature), ignore_index,
-                               return_entropy, resolved, chunk, recompute)  # fmt: skip
+    op = _EagerLinearLogprobs.apply if use_eager_path() else _fwd_op
+    logp, _, entropy = op(hidden_NH, weight, bias, labels_N, float(temperature), ignore_index,
+                          return_entropy, resolved, chunk, recompute)  # fmt: skip
     logp = logp.view(batch_shape)
     return (logp, entropy.view(batch_shape)) if return_entropy else logp
 

@@ -15,7 +15,15 @@ Layers (``fastrl/triton_kernels/logprobs.py`` holds the kernels):
 import torch
 from torch import Tensor
 
-from fastrl.ops._common import check_float, check_labels, check_same_device, check_temperature, resolve_impl
+from fastrl.ops._common import (
+    check_float,
+    check_labels,
+    check_same_device,
+    check_temperature,
+    eager_function,
+    resolve_impl,
+    use_eager_path,
+)
 
 # Logits per chunk in the torch impl: a chunk's fp32 temporaries stay at a few times 64 MiB.
 TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -203,8 +211,7 @@ def _forward_impl(logits, labels, temperature, ignore_index, with_entropy, impl)
     return logp.view(labels.shape), lse.view(labels.shape), entropy
 
 
-@torch.library.custom_op("fastrl::logprobs_fwd", mutates_args=())
-def _logprobs_fwd(
+def _forward_impl_op(
     logits: Tensor,
     labels: Tensor,
     temperature: float,
@@ -215,6 +222,9 @@ def _logprobs_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(logp, lse, entropy)``; ``inplace_backward`` only tells the backward where to write."""
     return _forward_impl(logits, labels, temperature, ignore_index, with_entropy, impl)
+
+
+_logprobs_fwd = torch.library.custom_op("fastrl::logprobs_fwd", _forward_impl_op, mutates_args=())
 
 
 @_logprobs_fwd.register_fake
@@ -295,23 +305,41 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_entropy):
-    logits, labels, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, with_entropy, impl, inplace_backward = ctx.options
-    if not with_entropy:
-        grad_entropy = None
-    if grad_logp is None and grad_entropy is None:
-        return (None,) * 7
-    args = (labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl)
-    if inplace_backward:
-        torch.ops.fastrl.logprobs_bwd_inplace(logits, *args)
-        grad = logits
-    else:
-        grad = torch.ops.fastrl.logprobs_bwd(logits, *args)
-    return grad, None, None, None, None, None, None
+def _make_backward(bwd, bwd_inplace):
+    """The backward of ``logprobs_fwd`` over the given backward ops: the custom ops under torch.compile,
+    their plain Python bodies on the eager path (``_common.eager_function``)."""
+
+    def backward(ctx, grad_logp, grad_lse, grad_entropy):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, with_entropy, impl, inplace_backward = ctx.options
+        if not with_entropy:
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 7
+        args = (labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, impl)
+        if inplace_backward:
+            bwd_inplace(logits, *args)
+            grad = logits
+        else:
+            grad = bwd(logits, *args)
+        return grad, None, None, None, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd("fastrl::logprobs_fwd", _backward, setup_context=_setup_context)
+def _bwd_inplace_eager(logits: Tensor, *args) -> None:
+    _bwd_inplace(logits, *args)
+    # What the custom op's ``mutates_args`` does: an autograd node that saved ``logits`` sees the overwrite
+    # (a Triton kernel writes through the data pointer, which bumps no version counter by itself).
+    torch.autograd.graph.increment_version(logits)
+
+
+torch.library.register_autograd(
+    "fastrl::logprobs_fwd", _make_backward(_logprobs_bwd, _logprobs_bwd_inplace), setup_context=_setup_context
+)
+_EagerLogprobs = eager_function(
+    "_EagerLogprobs", _forward_impl_op, _setup_context, _make_backward(_bwd, _bwd_inplace_eager)
+)
 
 
 def logprobs(
@@ -356,7 +384,8 @@ def logprobs(
     """
     _check_inputs(logits, labels, temperature, ignore_index, values=False)
     impl = resolve_impl(impl, logits.device)
-    logp, _, entropy = torch.ops.fastrl.logprobs_fwd(
+    op = _EagerLogprobs.apply if use_eager_path() else torch.ops.fastrl.logprobs_fwd
+    logp, _, entropy = op(
         logits, labels, float(temperature), ignore_index, bool(return_entropy), impl, bool(inplace_backward)
     )
     return (logp, entropy) if return_entropy else logp
