@@ -292,7 +292,7 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path, monkeypatch, capsys):
     assert set(by_suite) == {"logprobs", "dpo", "native", "broken"}
     dpo = by_suite["dpo"][0]
     rows = {r["method"]: r for r in dpo["rows"]}
-    base = rows["four cuBLAS products (policy, reference, grad_hidden, grad_weight)"]
+    base = rows["four CPU BLAS products (policy, reference, grad_hidden, grad_weight)"]
     assert base["status"] == "ok" and base["x_baseline"] == 1.0 and base["extra_mib"] > 0
     assert rows["eager fp32"]["status"] == "ok" and rows["eager fp32"]["x_floor"] > 0
     assert dpo["floor_ms"] > 0 and dpo["grad_mib"] > 0 and dpo["shape"]["N"] == 16
@@ -307,6 +307,9 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path, monkeypatch, capsys):
 
     md = (out / "results.md").read_text()
     assert "| method | ms | extra MiB | x floor | x baseline | x fastrl | note |" in md
+    # A CPU run says what it is, and calls nothing cuBLAS.
+    assert "CPU run: a correctness run of the benchmark code, not a speed claim" in md
+    assert "cuBLAS" not in md
     assert "## dpo: N=16 H=32 V=256" in md and md in capsys.readouterr().out
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -387,3 +390,161 @@ def test_markdown_flags_a_loss_that_differs_from_the_reference():
     assert "| same | 1 | 2.0 |" in md and "loss differs" not in md.split("| same")[1].split("\n")[0]
     assert "| off | 1 | 2.0 |  |  |  | loss differs from the reference by 5.0e-01 |" in md
     assert "| gone | fails: A / B |" in md  # a pipe in a reason cannot break the table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# honest reports (issue 9, item 7)
+
+
+def _payload(cases, device="CPU (x86_64, 2 threads)"):
+    return {
+        "environment": {"device": device, "torch": "t", "triton": "x", "date_utc": "now"},
+        "settings": {"dtype": "float32", "repeats": "3"},
+        "ceilings": {"tflops": 1.0, "tbps": 1.0, "source": "test"},
+        "cases": cases,
+    }
+
+
+def test_a_floor_beaten_by_any_method_is_withheld_never_below_one():
+    """A ceiling measured low on a busy machine makes the floor too high: the baseline then 'beats' it."""
+    from fastrl.bench import report
+
+    case = _case([], floor_ms=10.0)
+    rows = [
+        Row(suite="t", case="c", method="base", kind="baseline", status="ok", ms=4.0),
+        Row(suite="t", case="c", method="fast", kind="fastrl", status="ok", ms=12.0),
+    ]
+    harness.add_ratios(case, rows)
+    assert all(r.x_floor is None for r in rows)
+    assert rows[1].x_baseline == 3.0  # the other ratios stand
+    assert "x floor withheld: base ran in 4 ms, under the floor" in case.floor_note
+    md = report.markdown(_payload([report.case_record(case, rows, suite="t", name="c")]))
+    assert "**Ceilings too low**" in md and "t: c" in md
+    assert "| base | 4 |  |  | 1.00 | 0.33 |" in md  # no x floor printed at all
+
+    ok_case = _case([], floor_ms=2.0)
+    rows = [Row(suite="t", case="c", method="base", kind="baseline", status="ok", ms=4.0)]
+    harness.add_ratios(ok_case, rows)
+    assert rows[0].x_floor == 2.0 and "withheld" not in ok_case.floor_note
+
+
+def test_a_row_whose_runs_spread_more_than_2x_is_flagged():
+    durations = iter([0.0, 0.0, 0.001, 0.02, 0.001])  # warmup, memory run, three timed runs
+
+    def slow_sometimes():
+        import time
+
+        time.sleep(next(durations))
+
+    steady = _method("steady", lambda: None)
+    case = _case([_method("jumpy", slow_sometimes), steady])
+    rows = {r.method: r for r in harness.run_case(case, _ctx(repeats=3, warmup=1))}
+    assert rows["jumpy"].spread > harness.NOISY_SPREAD
+    assert "noisy: timed runs spread" in rows["jumpy"].note
+    assert "noisy" not in rows["steady"].note or rows["steady"].spread > harness.NOISY_SPREAD
+
+
+def _cpu_only_triton_kernel():
+    """A compiled-mode (not interpreted) Triton kernel launched on CPU tensors, as a GPU-only peer does."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    if triton.knobs.runtime.interpret:
+        pytest.skip("TRITON_INTERPRET is on: the kernel would run interpreted")
+
+    @triton.jit
+    def _twice(x_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(x_ptr + i, tl.load(x_ptr + i) * 2)
+
+    def step():
+        x = torch.ones(16)
+        _twice[(1,)](x, N=16)
+        return x.sum()
+
+    return step
+
+
+def test_peers_that_need_cuda_read_skipped_needs_cuda():
+    def driver_error():
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    case = _case(
+        [
+            _method("fake GPU-only peer", driver_error, kind="peer"),
+            _method("real Triton kernel", _cpu_only_triton_kernel(), kind="peer"),
+            _method("a real bug", lambda: 1 / 0, kind="peer"),
+        ]
+    )
+    rows = {r.method: r for r in harness.run_case(case, _ctx())}
+    assert rows["fake GPU-only peer"].status == "skipped: needs CUDA"
+    assert rows["real Triton kernel"].status == "skipped: needs CUDA", rows["real Triton kernel"].status
+    assert rows["a real bug"].status.startswith("fails: ZeroDivisionError")
+
+
+def test_the_png_keeps_skipped_and_failed_methods_as_labelled_gaps(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from fastrl.bench import report
+
+    drawn = {"bars": [], "texts": [], "titles": []}
+    real_barh, real_text = Axes.barh, Axes.text
+
+    def barh(self, names, widths, **kw):
+        drawn["bars"].append((list(names), list(widths)))
+        return real_barh(self, names, widths, **kw)
+
+    def text(self, x, y, s, **kw):
+        drawn["texts"].append(s)
+        return real_text(self, x, y, s, **kw)
+
+    monkeypatch.setattr(Axes, "barh", barh)
+    monkeypatch.setattr(Axes, "text", text)
+    base = {"kind": "method", "extra_mib": 1.0, "note": "", "loss_rel_diff": None}
+    rows = [
+        {**base, "method": "ran", "status": "ok", "ms": 2.0},
+        {**base, "method": "gpu peer", "status": "skipped: needs CUDA", "ms": None, "extra_mib": None},
+        {**base, "method": "broken", "status": "fails: RuntimeError: boom", "ms": None, "extra_mib": None},
+    ]
+    rec = {"suite": "s", "case": "c", "floor_ms": 1.0, "floor_note": "", "grad_mib": None, "rows": rows}
+    only_gaps = {**rec, "case": "nothing ran", "rows": rows[1:]}
+    assert report.plot(tmp_path / "r.png", _payload([rec, only_gaps]))
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    time_bars = drawn["bars"][0]
+    assert time_bars[0] == ["ran", "gpu peer", "broken"] and time_bars[1] == [2.0, 0.0, 0.0]
+    labels = " ".join(drawn["texts"])
+    assert "skipped: needs CUDA" in labels and "fails: RuntimeError: boom" in labels
+    assert labels.count("skipped: needs CUDA") == 2  # the case where nothing ran is in the plot too
+
+
+def test_grpo_step_header_describes_a_whole_step():
+    from fastrl.bench import report
+    from fastrl.bench.floors import Ceilings
+
+    (case,) = registry.suite_builder("grpo_step")(_ctx(), Ceilings(tflops=1.0, tbps=1.0, source="t"))
+    assert "whole GRPO step" in case.timed
+    rows = [Row(suite="grpo_step", case=case.name, method="fastrl", kind="fastrl", status="ok", ms=5.0)]
+    md = report.markdown(_payload([report.case_record(case, rows, suite="grpo_step", name=case.name)]))
+    section = md.split("## grpo_step")[1]
+    assert "one run: one whole GRPO step (generation, rewards, loss, backward, AdamW)" in section
+    assert "forward+backward" not in section
+
+
+def test_anchor_numbers_cited_by_help_and_readme_are_in_the_repository(capsys):
+    import re
+    from pathlib import Path
+
+    from fastrl.bench import floors, runner
+
+    root = Path(__file__).resolve().parents[1]
+    anchors = (root / "benchmarks" / "ANCHORS.md").read_text()
+    for tflops, tbps in floors.KNOWN.values():
+        assert f"{tflops:g} TFLOP/s" in anchors and f"{tbps:g} TB/s" in anchors
+    for shape in ("N=16384", "V=151936", "H=1536", "N=8192"):
+        assert shape in anchors, shape
+    help_text = runner.parser().format_help()
+    readme = (root / "README.md").read_text()
+    for text in (help_text, readme):
+        assert "benchmarks/ANCHORS.md" in text
+        assert not re.search(r"(?<![/\w])ANCHORS\.md", text), "a reference without its folder"

@@ -1,4 +1,5 @@
-"""Pieces the suites share: random inputs, the measured cuBLAS baselines, a method from a loss closure."""
+"""Pieces the suites share: random inputs, the measured matrix-product baselines, a method from a loss
+closure."""
 
 from __future__ import annotations
 
@@ -55,12 +56,27 @@ def compiled_method(ctx: BenchContext, name: str, loss_fn: LossFn, *, first_shap
     return Method(name=name, setup=setup)
 
 
-def cublas_products(name: str, hidden_key: str, weight_key: str, *, ref_keys: tuple[str, str] | None = None):
+def blas_name(ctx: BenchContext) -> str:
+    """Who runs ``torch.mm`` here: cuBLAS on a GPU, the CPU BLAS (MKL / OpenBLAS) elsewhere."""
+    return "cuBLAS" if ctx.device.type == "cuda" else "CPU BLAS"
+
+
+def products_baseline(
+    ctx: BenchContext,
+    count: str,
+    parts: str,
+    hidden_key: str,
+    weight_key: str,
+    *,
+    ref_keys: tuple[str, str] | None = None,
+) -> Method:
     """The matrix products alone, as a measured baseline: logits = h W^T, grad_h = G W, grad_W = G^T h.
 
+    Named ``"<count> cuBLAS products (<parts>)"`` on a GPU and ``"... CPU BLAS products ..."`` elsewhere.
     ``G`` stands for the logits' gradient; it is allocated in setup so it counts as an input. With
     ``ref_keys`` (DPO) a fourth product, the reference model's logits, is added.
     """
+    name = f"{count} {blas_name(ctx)} products ({parts})"
 
     def setup(inputs: dict[str, Any]):
         h = inputs[hidden_key].detach().reshape(-1, inputs[hidden_key].shape[-1])

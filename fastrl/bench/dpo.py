@@ -3,8 +3,8 @@ the reference model's log-probs computed in the same call under no_grad (no prec
 
 The first quarter of each sequence is prompt (label -100). loss = ``fastrl.bench.peers.dpo_loss`` (beta
 0.1) on sums of completion-token log-probs. Floor: policy 6 N H V plus reference 2 N H V flops (N counts
-chosen and rejected tokens); baseline: the four cuBLAS products (policy logits, reference logits,
-grad_hidden, grad_weight).
+chosen and rejected tokens); baseline: the four matrix products alone (policy logits, reference logits,
+grad_hidden, grad_weight; cuBLAS on a GPU).
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from fastrl.bench.common import (
     backward_method,
     backward_step,
     compiled_method,
-    cublas_products,
     lm_head,
+    products_baseline,
     randn,
 )
 from fastrl.bench.floors import Ceilings
 from fastrl.bench.harness import BenchContext, Case, Method
 from fastrl.bench.linear_logprobs import matmul_case
 
-BASELINE = "four cuBLAS products (policy, reference, grad_hidden, grad_weight)"
+BASELINE_PARTS = "policy, reference, grad_hidden, grad_weight"  # "four cuBLAS products (...)"
 
 
 def shapes(ctx: BenchContext) -> list[dict[str, int]]:
@@ -32,7 +32,7 @@ def shapes(ctx: BenchContext) -> list[dict[str, int]]:
     if ctx.quick:
         return [dict(B=1, T=8, H=32, V=256)]
     if ctx.gpu_shapes:
-        return [dict(B=4, T=1024, H=1536, V=151936)]  # ANCHORS.md: N = 2 x 4 x 1024
+        return [dict(B=4, T=1024, H=1536, V=151936)]  # benchmarks/ANCHORS.md: N = 2 x 4 x 1024
     return [dict(B=2, T=64, H=256, V=8192)]
 
 
@@ -116,7 +116,14 @@ def _liger_setup(inputs):
 
 def methods(ctx: BenchContext) -> list[Method]:
     return [
-        cublas_products(BASELINE, "hidden_both_const", "weight", ref_keys=("ref_hidden_both", "ref_weight")),
+        products_baseline(
+            ctx,
+            "four",
+            BASELINE_PARTS,
+            "hidden_both_const",
+            "weight",
+            ref_keys=("ref_hidden_both", "ref_weight"),
+        ),  # fmt: skip
         backward_method("eager fp32", _eager(peers.eager_fp32_logp)),
         backward_method("TRL-style selective log-softmax", _eager(peers.rowloop_logp)),
         compiled_method(ctx, "torch.compile of the eager path", _eager(peers.eager_fp32_logp)),

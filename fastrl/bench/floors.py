@@ -1,7 +1,7 @@
 """The floors the ratios are taken to: matrix work at the card's matmul ceiling, memory traffic at its
 bandwidth ceiling.
 
-On an H200 running bf16/fp16 the ceilings are ANCHORS.md's measured ones (790 TFLOP/s dense bf16,
+On an H200 running bf16/fp16 the ceilings are benchmarks/ANCHORS.md's measured ones (790 TFLOP/s dense bf16,
 4.3 TB/s), so ratios match the anchor tables. Anywhere else (and for fp32 on an H200) they are measured at
 the start of the run (one large matmul in the bench dtype, one large copy) and the JSON says so: spec-sheet
 numbers (989 TFLOP/s for an H100 SXM) are never reached by a real matmul and would make every floor look
@@ -17,7 +17,7 @@ import torch
 
 from fastrl.bench.harness import device_name, synchronize
 
-# name fragment -> (TFLOP/s, TB/s) measured on that card (ANCHORS.md), for 16-bit (bf16/fp16) matmuls:
+# name fragment -> (TFLOP/s, TB/s) measured on that card (benchmarks/ANCHORS.md), for bf16/fp16 matmuls:
 # an fp32 run (TF32 or not) has a far lower matmul ceiling and measures its own.
 KNOWN = {"H200": (790.0, 4.3)}
 KNOWN_DTYPES = (torch.bfloat16, torch.float16)
@@ -40,7 +40,9 @@ def ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
     name = device_name(device)
     for fragment, (tflops, tbps) in KNOWN.items():
         if device.type == "cuda" and dtype in KNOWN_DTYPES and fragment in name:
-            return Ceilings(tflops=tflops, tbps=tbps, source=f"{fragment}: measured ceilings from ANCHORS.md")
+            return Ceilings(
+                tflops=tflops, tbps=tbps, source=f"{fragment}: measured ceilings from benchmarks/ANCHORS.md"
+            )
     return measure_ceilings(device, dtype)
 
 

@@ -3,7 +3,7 @@ the hidden states and the weight. The loss is ``fastrl.bench.peers.grpo_loss`` (
 normalised by the number of completion tokens); fastrl and Liger are configured to the same loss.
 
 old/ref log-probs are the policy's own log-probs plus small noise, so ratios sit near 1 as in training.
-Floor and baseline as in ``linear_logprobs``: 6 N H V flops, three cuBLAS products.
+Floor and baseline as in ``linear_logprobs``: 6 N H V flops, the three matrix products alone.
 """
 
 from __future__ import annotations

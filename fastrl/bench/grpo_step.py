@@ -403,6 +403,7 @@ def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
             make_inputs=make_inputs,
             methods=methods,
             measure_memory=False,  # in the worker, see the module docstring
+            timed="one whole GRPO step (generation, rewards, loss, backward, AdamW); extra MiB: worker peak",
         )
     ]
 

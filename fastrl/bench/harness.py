@@ -1,13 +1,17 @@
 """The one benchmark harness: what a case is, how a method is timed and how its memory is counted.
 
-Method (STYLE.md / ANCHORS.md):
+Method (STYLE.md / benchmarks/ANCHORS.md):
 - time: the median of ``repeats`` device-timed forward+backward runs after ``warmup`` runs (CUDA events on
   a GPU, ``time.perf_counter`` on the CPU); gradients are reset to None outside the timed region.
 - extra memory: the peak allocated during one forward+backward minus what was allocated just before it;
   the inputs are excluded, the gradients the run leaves behind are included. On a GPU this is
   ``torch.cuda.max_memory_allocated``; on the CPU, :func:`cpu_peak_bytes` replays the allocator's events.
-- a peer that is not installed is a row "skipped: ..."; one that raises is "fails: <reason>"; running out
+- a peer that is not installed is a row "skipped: ..."; one that needs CUDA on a machine without it is
+  "skipped: needs CUDA" (never the driver's raw error); one that raises is "fails: <reason>"; running out
   of memory is "OOM" (the cache is emptied and the run goes on).
+- honesty checks: a row whose timed runs spread more than ``NOISY_SPREAD`` (max / min) is flagged; a case
+  where any method (the baseline included) ran faster than its floor has its floor withheld, since the
+  ceiling measured at the start of the run was then too low (a busy machine), not the method too fast.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 
 MiB = 2**20
+NOISY_SPREAD = 2.0  # max / min of a row's timed runs above which the row is flagged as noisy
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
 )
@@ -39,7 +44,7 @@ class BenchContext:
 
     device: torch.device
     dtype: torch.dtype
-    gpu_shapes: bool = False  # ANCHORS.md's shapes instead of the small CPU ones
+    gpu_shapes: bool = False  # benchmarks/ANCHORS.md's shapes instead of the small CPU ones
     quick: bool = False  # tiny shapes (tests)
     repeats: int = 3
     warmup: int = 1
@@ -78,6 +83,8 @@ class Case:
     grad_bytes: int | None = None
     measure_memory: bool = True
     reference: str | None = None  # the method whose loss the others' losses are compared with
+    # What one timed run is, for the report's header of this case.
+    timed: str = "one forward+backward; extra MiB: peak allocated during it minus allocated before"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -97,6 +104,7 @@ class Row:
     x_fastrl: float | None = None
     note: str = ""
     wall_s: float | None = None  # the whole measurement of this method: setup, warmup, memory, timing
+    spread: float | None = None  # max / min of ms_all
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,6 +203,25 @@ def reset_grads(inputs: dict[str, Any]) -> None:
             value.grad = None
 
 
+# What a GPU-only library (a Triton kernel, a CUDA extension) says when it meets a machine or a tensor
+# without CUDA; the row then reads "skipped: needs CUDA".
+_NO_CUDA_MESSAGES = (
+    "0 active drivers",
+    "found no nvidia driver",
+    "torch not compiled with cuda",
+    "cpu tensor?",
+    "cuda driver",
+    "no cuda gpus are available",
+    "libcuda",
+    "cuda is not available",
+)
+
+
+def needs_cuda_error(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}".lower()
+    return any(m in text for m in _NO_CUDA_MESSAGES)
+
+
 def describe_error(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
@@ -226,6 +253,8 @@ def run_method(case: Case, method: Method, inputs: dict[str, Any], ctx: BenchCon
             row.extra_mib, out = extra_memory_mib(step, device)
         row.ms_all = time_step(step, device, repeats=ctx.repeats, before=before)
         row.ms = statistics.median(row.ms_all)
+        if min(row.ms_all) > 0:
+            row.spread = max(row.ms_all) / min(row.ms_all)
         measured = getattr(step, "report", None)  # a step measured in another process (grpo_step)
         if measured is not None:
             got = measured()
@@ -243,7 +272,10 @@ def run_method(case: Case, method: Method, inputs: dict[str, Any], ctx: BenchCon
     except OOM_ERRORS:
         row.status = "OOM"
     except Exception as err:  # a peer's failure is a row, never a crash of the whole run
-        row.status = f"fails: {describe_error(err)}"
+        if device.type != "cuda" and needs_cuda_error(err):
+            row.status = "skipped: needs CUDA"
+        else:
+            row.status = f"fails: {describe_error(err)}"
     finally:
         step = None  # drop the closures (modules, compiled graphs, buffers) before emptying the cache
         reset_grads(inputs)
@@ -281,12 +313,25 @@ def run_case(case: Case, ctx: BenchContext, *, progress: Callable[[str], None] |
 
 
 def add_ratios(case: Case, rows: list[Row]) -> None:
+    """x floor, x baseline, x fastrl and the loss difference to the reference, plus the honesty notes.
+
+    No method can beat the floor (the matrix products or the memory traffic at the card's ceilings): when
+    one does, the ceiling measured at the start of the run was too low, and ``x floor`` is withheld for the
+    whole case (``case.floor_note`` says why) rather than printed below 1.
+    """
     ok = [r for r in rows if r.status == "ok"]
     fastrl = next((r.ms for r in ok if r.kind == "fastrl"), None)
     baseline = next((r.ms for r in ok if r.kind == "baseline"), None)
     reference = next((r.loss for r in ok if r.method == case.reference), None)
+    floor_ok = bool(case.floor_ms) and all(r.ms is None or r.ms >= case.floor_ms for r in ok)
+    if case.floor_ms and not floor_ok:
+        fastest = min((r for r in ok if r.ms is not None), key=lambda r: r.ms)
+        case.floor_note += (
+            f"; x floor withheld: {fastest.method} ran in {fastest.ms:.3g} ms, under the floor, so the "
+            "ceiling measured at the start of the run was too low (a busy machine)"
+        )
     for r in ok:
-        if case.floor_ms:
+        if floor_ok:
             r.x_floor = r.ms / case.floor_ms
         if baseline:
             r.x_baseline = r.ms / baseline
@@ -294,3 +339,6 @@ def add_ratios(case: Case, rows: list[Row]) -> None:
             r.x_fastrl = r.ms / fastrl
         if reference is not None and r.loss is not None:
             r.loss_rel_diff = abs(r.loss - reference) / max(abs(reference), 1e-12)
+        if r.spread is not None and r.spread > NOISY_SPREAD:
+            noisy = f"noisy: timed runs spread {r.spread:.1f}x ({min(r.ms_all):.3g}-{max(r.ms_all):.3g} ms)"
+            r.note = "; ".join(x for x in (r.note, noisy) if x)

@@ -3,7 +3,7 @@ the hidden states and the weight.
 
 loss = sum_t w_t logp_t, logp_t = (h_t W^T)[label_t] - logsumexp(h_t W^T). Floor: the three matrix
 products (logits, grad_hidden, grad_weight), 6 N H V flops, at the card's matmul ceiling; the same three
-products run with cuBLAS (``torch.mm``) are measured as the baseline.
+products run alone with ``torch.mm`` (cuBLAS on a GPU, the CPU BLAS elsewhere) are the measured baseline.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import torch
 
 from fastrl.bench import peers
-from fastrl.bench.common import backward_method, compiled_method, cublas_products, lm_head, randn
+from fastrl.bench.common import backward_method, compiled_method, lm_head, products_baseline, randn
 from fastrl.bench.floors import Ceilings
 from fastrl.bench.harness import BenchContext, Case, Method, Skip
 
-BASELINE = "three cuBLAS products (logits, grad_hidden, grad_weight)"
+BASELINE_PARTS = "logits, grad_hidden, grad_weight"  # the baseline: "three cuBLAS products (...)"
 
 
 def shapes(ctx: BenchContext) -> list[dict[str, int]]:
-    """[B, T] tokens of hidden size H, vocabulary V. GPU: ANCHORS.md's shapes A and B."""
+    """[B, T] tokens of hidden size H, vocabulary V. GPU: benchmarks/ANCHORS.md's shapes A and B."""
     if ctx.quick:
         return [dict(B=2, T=8, H=32, V=256)]
     if ctx.gpu_shapes:
@@ -71,11 +71,11 @@ def _fastrl(ctx: BenchContext, recompute: bool):
 
 def logits_methods(ctx: BenchContext, on_logp, *, first_shape: bool = True) -> list[Method]:
     """The methods every hidden -> lm_head -> log-probs suite measures, the loss being ``on_logp(logp,
-    inputs)`` ([B, T] log-probs to a scalar): the cuBLAS baseline, eager fp32, TRL-style selective
+    inputs)`` ([B, T] log-probs to a scalar): the matrix-product baseline, eager fp32, TRL-style selective
     log-softmax, ``torch.compile`` of the eager path and Cut Cross-Entropy (approximate and exact)."""
     eager = lambda inp: on_logp(eager_logits_logp(inp, peers.eager_fp32_logp), inp)
     return [
-        cublas_products(BASELINE, "hidden", "weight"),
+        products_baseline(ctx, "three", BASELINE_PARTS, "hidden", "weight"),
         backward_method("eager fp32", eager),
         backward_method(
             "TRL-style selective log-softmax",

@@ -19,7 +19,7 @@ def shapes(ctx: BenchContext) -> list[dict[str, int]]:
     if ctx.quick:
         return [dict(B=2, T=16, V=512)]
     if ctx.gpu_shapes:
-        return [dict(B=16, T=1024, V=151936)]  # ANCHORS.md: N=16384, V=151936
+        return [dict(B=16, T=1024, V=151936)]  # benchmarks/ANCHORS.md: N=16384, V=151936
     return [dict(B=4, T=128, V=16384)]
 
 
@@ -76,7 +76,7 @@ def _liger(inputs):
         ce = inputs["_liger"] = peers.liger_cross_entropy()
     logits = inputs["logits"]
     V = logits.shape[-1]
-    # Liger writes the gradient into its input during the forward: it gets a clone, as in ANCHORS.md.
+    # Liger writes the gradient into its input in the forward: it gets a clone, as in benchmarks/ANCHORS.md.
     neg = ce(logits.reshape(-1, V).clone(), inputs["labels"].reshape(-1))
     return _weighted(-neg.view(inputs["labels"].shape), inputs)
 

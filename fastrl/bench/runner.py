@@ -28,7 +28,9 @@ def parser() -> argparse.ArgumentParser:
         "--suite", nargs="+", action="extend", choices=list(SUITES), help="suites to run (default: all)"
     )
     p.add_argument(
-        "--gpu", action="store_true", help="run on CUDA with ANCHORS.md's shapes (bf16, torch.compile on)"
+        "--gpu",
+        action="store_true",
+        help="run on CUDA with benchmarks/ANCHORS.md's shapes (bf16, torch.compile on)",
     )
     p.add_argument("--out", default="bench_results", help="output folder for results.json/.md/.png")
     p.add_argument(
