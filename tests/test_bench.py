@@ -548,3 +548,22 @@ def test_anchor_numbers_cited_by_help_and_readme_are_in_the_repository(capsys):
     for text in (help_text, readme):
         assert "benchmarks/ANCHORS.md" in text
         assert not re.search(r"(?<![/\w])ANCHORS\.md", text), "a reference without its folder"
+
+
+def test_a_beaten_floor_makes_the_run_measure_its_ceilings_again(monkeypatch):
+    from fastrl.bench import floors, report, runner
+
+    start = floors.Ceilings(tflops=1e-9, tbps=1e-9, source="measured in this run: test")
+    again = floors.Ceilings(tflops=2.0, tbps=3.0, source="measured in this run: again")
+    monkeypatch.setattr(runner, "ceilings", lambda device, dtype: start)
+    monkeypatch.setattr(runner, "measure_ceilings", lambda device, dtype: again)
+
+    def build(ctx, ceil):
+        return [_case([_method("base", lambda: None, kind="baseline")], floor_ms=1e6)]
+
+    monkeypatch.setattr(runner, "suite_builder", lambda name: build)
+    payload = runner.run(_ctx(), ["t"], progress=False)
+    assert payload["ceilings_remeasured"]["tflops"] == 2.0
+    assert payload["cases"][0]["rows"][0]["x_floor"] is None
+    md = report.markdown(payload)
+    assert "Ceilings measured again at the end: 2 TFLOP/s, 3 TB/s." in md

@@ -328,7 +328,7 @@ def add_ratios(case: Case, rows: list[Row]) -> None:
         fastest = min((r for r in ok if r.ms is not None), key=lambda r: r.ms)
         case.floor_note += (
             f"; x floor withheld: {fastest.method} ran in {fastest.ms:.3g} ms, under the floor, so the "
-            "ceiling measured at the start of the run was too low (a busy machine)"
+            "ceilings it was taken at are too low for this machine (measured while it was busy?)"
         )
     for r in ok:
         if floor_ok:

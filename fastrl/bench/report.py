@@ -93,7 +93,7 @@ def is_cpu_run(payload: dict[str, Any]) -> bool:
     return str(payload["environment"].get("device", "")).startswith("CPU")
 
 
-def _floor_withheld(rec: dict[str, Any]) -> bool:
+def floor_withheld(rec: dict[str, Any]) -> bool:
     return "x floor withheld" in (rec.get("floor_note") or "")
 
 
@@ -111,14 +111,21 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{NOISY_SPREAD:g}x is marked noisy.",
         "",
     ]
-    withheld = [f"{r['suite']}: {r['case']}" for r in payload["cases"] if _floor_withheld(r)]
+    withheld = [f"{r['suite']}: {r['case']}" for r in payload["cases"] if floor_withheld(r)]
     if withheld:
         lines += [
             f"**Ceilings too low**: in {len(withheld)} case(s) a method ran under its floor, so the ceilings "
-            "measured at the start of the run understate this machine (it was busy then); x floor is "
-            "withheld there: " + "; ".join(withheld) + ".",
+            "above understate this machine (a ceiling measured at the start of the run while the machine "
+            "was busy); x floor is withheld there: " + "; ".join(withheld) + ".",
             "",
         ]
+        again = payload.get("ceilings_remeasured")
+        if again:
+            lines += [
+                f"Ceilings measured again at the end: {again['tflops']:.4g} TFLOP/s, {again['tbps']:.3g} TB/s"
+                ".",
+                "",
+            ]
     threshold = LOSS_NOTE_THRESHOLD.get(payload["settings"]["dtype"], LOSS_NOTE_THRESHOLD_HALF)
     for rec in payload["cases"]:
         lines.append(f"## {rec['suite']}: {rec['case']}")
@@ -195,7 +202,7 @@ def plot(path: Path, payload: dict[str, Any]) -> bool:
                 color = "tab:red" if r["status"].startswith(("fails", "OOM")) else "dimgray"
                 label = "  " + _gap_label(r["status"])
                 ax_t.text(0, i, label, va="center", ha="left", fontsize=6.5, color=color)
-        if rec["floor_ms"] and not _floor_withheld(rec):
+        if rec["floor_ms"] and not floor_withheld(rec):
             ax_t.axvline(rec["floor_ms"], color="k", linestyle="--", linewidth=1, label="floor")
             ax_t.legend(loc="lower right", fontsize=7)
         ax_t.set_title(f"{rec['suite']}: {rec['case']} - ms", fontsize=9)
