@@ -80,6 +80,12 @@ def ipo_lengths(loss_type, yc, yr, chosen_token_logp=None, ld_alpha=None):
     return out
 
 
+def grads_of(loss, inputs):
+    """Gradients, zeros where the loss does not read an input (sft alone never sees the rejected side)."""
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
 def run_all(case, yc, yr, *, ref_mode, with_bias, loss_type="sigmoid", ld_alpha=None, temperature=0.7,
             label_smoothing=0.0, impl="auto", chunk_size=None, options=None, truth_options=None):  # fmt: skip
     """(kernel, reference, truth) for the loss and the gradients to hidden_chosen, hidden_rejected,
@@ -106,7 +112,7 @@ def run_all(case, yc, yr, *, ref_mode, with_bias, loss_type="sigmoid", ld_alpha=
     )
     with torch.no_grad():  # the per-pair reward margins b ((c - c_ref) - (r - r_ref))
         margins = kw["beta"] * ((truth_sums[0] - ref_sums64[0]) - (truth_sums[1] - ref_sums64[1]))
-    truth = [truth_loss, *torch.autograd.grad(truth_loss, [x64[n] for n in names])]
+    truth = [truth_loss, *grads_of(truth_loss, [x64[n] for n in names])]
 
     if ref_mode == "precomputed":
         ref_kw = {"ref_chosen_logps": ref_sums64[0].float(), "ref_rejected_logps": ref_sums64[1].float()}
@@ -139,7 +145,7 @@ def run_all(case, yc, yr, *, ref_mode, with_bias, loss_type="sigmoid", ld_alpha=
         **ipo_lengths(loss_type, yc, yr, lc, ld_alpha),
         **options,
     )
-    reference = [ref_loss, *torch.autograd.grad(ref_loss, [xr[n] for n in names])]
+    reference = [ref_loss, *grads_of(ref_loss, [xr[n] for n in names])]
 
     # kernel: the fused module
     xk = {n: case[n].clone().requires_grad_() for n in names}
