@@ -102,8 +102,8 @@ def test_dpo_loss_matches_closed_form(seed, dtype, types, weights, kind, weighte
         xt = [t.to(dt).requires_grad_() for t in x64]
         st = sft64.to(dt).requires_grad_()
         ct = closed_form(
-            types, weights or [1.0] * len(types), *xt, nc=nc.to(dt), nr=nr.to(dt), sft_c=st, omega=omega.to(dt),
-            kind=kind, alpha=0.6,
+            types, weights or [1.0] * len(types), *xt, nc=nc.to(dt), nr=nr.to(dt), sft_c=st,
+            omega=omega.to(dt), kind=kind, alpha=0.6,
         )  # fmt: skip
         tw = xt + ([st] if "sft" in types else [])
         outs.append((ct, torch.autograd.grad(ct, tw, allow_unused=True)))
@@ -167,7 +167,8 @@ def fused_truth(case, yc, yr, *, types, weights, kind, ld_alpha, use_weighting, 
         shared = torch.minimum(valid.sum(1), (other != IGNORE).sum(1))[:, None]
         k = torch.cumsum(valid, 1)
         a = 1.0 if ld_alpha is None else ld_alpha
-        seqs.append((lp * torch.where(k <= shared, 1.0, a).to(dtype) * valid).sum(1))
+        # (torch.where of Python floats would be fp32: alpha rounded, the very bug ld_token_weights had)
+        seqs.append((lp * torch.where(k <= shared, 1.0, torch.tensor(a, dtype=dtype)) * valid).sum(1))
         plain = lp.sum(1) if plain is None else plain
         with torch.no_grad():
             n = valid.sum(1).clamp(min=1)
@@ -181,7 +182,8 @@ def fused_truth(case, yc, yr, *, types, weights, kind, ld_alpha, use_weighting, 
             other = yr if y is yc else yc
             shared = torch.minimum(valid.sum(1), (other != IGNORE).sum(1))[:, None]
             a = 1.0 if ld_alpha is None else ld_alpha
-            refs.append((lp * torch.where(torch.cumsum(valid, 1) <= shared, 1.0, a).to(dtype) * valid).sum(1))
+            w = torch.where(torch.cumsum(valid, 1) <= shared, 1.0, torch.tensor(a, dtype=dtype))
+            refs.append((lp * w * valid).sum(1))
     omega = extra[0] * extra[1] if use_weighting else torch.ones_like(plain)
     nc, nr = (yc != IGNORE).sum(1).to(dtype), (yr != IGNORE).sum(1).to(dtype)
     loss = closed_form(
