@@ -168,7 +168,10 @@ def check_against_truth(inputs, opts, dtype, impls=("torch", "triton")):
         assert grad.dtype == logp.dtype
         scale = t_grad.abs().max().item() + 1e-30
         assert_close_to_truth(f"{impl} grad", grad, r_grad, t_grad, dtype=dtype, atol=10 * rel * scale)
-        assert_close_to_truth(f"{impl} loss", loss, r_loss, t_loss, dtype=dtype, atol=10 * rel * t_loss.abs())
+        # The loss can be far smaller than its terms (they cancel): slack relative to their size too,
+        # for which the summed gradient magnitudes stand in (seed 257 of test_dtypes[dapo-fp32]).
+        atol = 10 * rel * (t_loss.abs() + t_grad.abs().sum())
+        assert_close_to_truth(f"{impl} loss", loss, r_loss, t_loss, dtype=dtype, atol=atol)
 
 
 def compute_dtype(dtype):
