@@ -184,3 +184,35 @@ def test_bad_new_options(kwargs, match):
     logp, old, adv, mask, _, engine = make_inputs(2, 4)
     with pytest.raises(ValueError, match=match):
         grpo_loss(logp, old, adv, mask, engine_logp=engine, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"loss_type": "luspo", "importance_sampling_level": "sequence", "beta": 0.04},
+        {"loss_type": "vespo", "is_mode": "token_truncate", "beta": 0.04},
+        {"loss_type": "dapo", "off_policy_mask_threshold": 0.1, "beta": 0.04, "is_mode": "token_truncate"},
+        {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.3},
+    ],
+)
+def test_gpu_triton_new_options(seed, opts):
+    torch.set_default_device("cuda")
+    try:
+        inputs = make_inputs(64, 1500, dtype=torch.bfloat16)
+        check_against_truth(inputs, opts, torch.bfloat16, impls=("triton", "auto"))
+    finally:
+        torch.set_default_device("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_triton_entropy_options(seed):
+    torch.set_default_device("cuda")
+    try:
+        inputs = make_inputs(32, 700)
+        entropy = tied_entropy(inputs[3], 0.2)
+        check_entropy_case(
+            inputs, entropy, {"loss_type": "dapo", "top_entropy_quantile": 0.2, "entropy_coef": 0.1}
+        )
+    finally:
+        torch.set_default_device("cpu")
