@@ -7,9 +7,16 @@ Notation (all per preference pair ``p``; ``σ`` is the logistic sigmoid, ``logσ
     r = log π(y_l|x) - log π_ref(y_l|x)        rejected log-ratio
     d = c - r                                  the DPO margin (policy log-ratio minus reference log-ratio)
 
+With an f-divergence regulariser (f-DPO, Wang et al. 2023, arXiv:2309.16240) the log-ratios ``u`` in
+``d`` (and in ipo / sigmoid_norm's ``c``, ``r``) become the scores ``f'(e^u)``: ``u`` (reverse_kl, the
+default), ``1 - e^{-u}`` (forward_kl), ``log 2 + logσ(u)`` (js_divergence), ``(e^{(α-1)u} - 1)/(α-1)``
+(alpha_divergence, α = f_alpha_divergence_coef; α = 1 is reverse_kl). Only the losses built on the
+chosen-rejected difference accept one (``F_DIVERGENCE_LOSSES``): elsewhere the ``β log Z(x)`` of the
+reparameterisation does not cancel.
+
 Every function maps a :class:`PairTerms` to the per-pair loss ``[P]``; :func:`fastrl.losses.dpo.dpo_loss`
-takes the mean over pairs. The formulas follow TRL's ``DPOTrainer`` (one ``loss_type`` at a time, the
-default ``f_divergence_type="reverse_kl"``); where TRL differs from the paper it is said below.
+takes the weighted sum over loss types of the means over pairs. The formulas follow TRL's ``DPOTrainer``
+(1.16); where TRL differs from the paper, or fastrl from TRL, it is said below.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ class PairTerms:
     beta: float
     label_smoothing: float
     options: dict = field(default_factory=dict)
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -45,6 +54,42 @@ class PairTerms:
     @property
     def margin(self) -> torch.Tensor:
         return self.chosen_logratios - self.rejected_logratios
+
+    @property
+    def chosen_scores(self) -> torch.Tensor:
+        return f_divergence_score(self.chosen_logratios, self.f_divergence_type, self.f_alpha_divergence_coef)
+
+    @property
+    def rejected_scores(self) -> torch.Tensor:
+        return f_divergence_score(
+            self.rejected_logratios, self.f_divergence_type, self.f_alpha_divergence_coef
+        )
+
+    @property
+    def score_margin(self) -> torch.Tensor:
+        """``f'(chosen ratio) - f'(rejected ratio)``: the margin ``d`` under reverse_kl."""
+        return self.chosen_scores - self.rejected_scores
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The loss types whose formula only sees the chosen-rejected score difference (or sft, which sees none).
+F_DIVERGENCE_LOSSES = ("discopop", "exo_pair", "hinge", "ipo", "robust", "sft", "sigmoid", "sigmoid_norm")
+# exp's argument cap for alpha_divergence, as TRL's (fp32 overflows past ~88); fp64 goes much further.
+_ALPHA_EXP_MAX = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def f_divergence_score(u: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """``f'(e^u)`` of the f-divergence ``kind`` (module docstring) for log-ratios ``u``."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return u
+    if kind == "forward_kl":
+        return 1.0 - torch.exp(-u)
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(u)
+    assert kind == "alpha_divergence", kind
+    # The cap (zero gradient beyond it) keeps exp finite where the loss would overflow anyway.
+    t = ((alpha - 1.0) * u).clamp(max=_ALPHA_EXP_MAX[u.dtype])
+    return (torch.exp(t) - 1.0) / (alpha - 1.0)
 
 
 @dataclass(frozen=True)
@@ -105,15 +150,20 @@ def _cdpo(z: torch.Tensor, eps: float) -> torch.Tensor:
 @register_dpo_loss("sigmoid", uses_label_smoothing=True)
 def _sigmoid(t: PairTerms) -> torch.Tensor:
     """``-(1-ε) logσ(b d) - ε logσ(-b d)``: DPO (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7) with the
-    conservative-DPO label smoothing (Mitchell 2023, "A note on DPO with noisy preferences"); ε=0 is DPO."""
-    return _cdpo(t.beta * t.margin, t.label_smoothing)
+    conservative-DPO label smoothing (Mitchell 2023, "A note on DPO with noisy preferences"); ε=0 is DPO.
+
+    TRL >= 0.29 ignores ``label_smoothing`` here (it dropped cDPO; TRL 0.18 applied it as fastrl does).
+    fastrl keeps it: cDPO is the maximum-likelihood loss when a fraction ε of the labels is flipped, it is
+    opt-in (ε = 0 is exactly DPO), and ignoring a set option silently would be worse. A warning says so
+    once per process when ε > 0 (``fastrl.losses.dpo.validate_dpo_options``)."""
+    return _cdpo(t.beta * t.score_margin, t.label_smoothing)
 
 
 @register_dpo_loss("hinge")
 def _hinge(t: PairTerms) -> torch.Tensor:
     """``max(0, 1 - b d)``: SLiC-HF's calibration hinge (Zhao et al. 2023, arXiv:2305.10425; the margin
     is 1/b in d)."""
-    return torch.relu(1 - t.beta * t.margin)
+    return torch.relu(1 - t.beta * t.score_margin)
 
 
 @register_dpo_loss("ipo", options={"chosen_lengths": None, "rejected_lengths": None})
@@ -123,7 +173,7 @@ def _ipo(t: PairTerms) -> torch.Tensor:
     TRL divides each log-ratio by its completion token count ``n`` (chosen_lengths / rejected_lengths,
     [P]); pass them to match it. Without them ``n = 1``, the paper's sequence-level form.
     """
-    c, r = t.chosen_logratios, t.rejected_logratios
+    c, r = t.chosen_scores, t.rejected_scores
     if t.options["chosen_lengths"] is not None:
         c = c / t.options["chosen_lengths"].to(c.dtype).clamp(min=1)
         r = r / t.options["rejected_lengths"].to(r.dtype).clamp(min=1)
@@ -134,7 +184,7 @@ def _ipo(t: PairTerms) -> torch.Tensor:
 def _robust(t: PairTerms) -> torch.Tensor:
     """``(-(1-ε) logσ(b d) + ε logσ(-b d)) / (1 - 2ε)``: robust DPO, an unbiased loss under preference
     flips with probability ε (Chowdhury et al. 2024, arXiv:2403.00409)."""
-    z, eps = t.beta * t.margin, t.label_smoothing
+    z, eps = t.beta * t.score_margin, t.label_smoothing
     return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
@@ -143,7 +193,7 @@ def _exo_pair(t: PairTerms) -> torch.Tensor:
     """``σ(b d) (logσ(b d) - log(1-ε)) + σ(-b d) (logσ(-b d) - log ε)``: EXO-pref, the reverse KL from the
     policy's pair distribution to the smoothed label ``(1-ε, ε)`` (Ji et al. 2024, arXiv:2402.00856,
     Eq. 16 with K = 2). Needs ε > 0 (the paper recommends 1e-3)."""
-    z, eps = t.beta * t.margin, t.label_smoothing
+    z, eps = t.beta * t.score_margin, t.label_smoothing
     return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
         F.logsigmoid(-z) - math.log(eps)
     )
@@ -219,6 +269,32 @@ def _discopop(t: PairTerms) -> torch.Tensor:
     """``(1 - m) (-logσ(z)) + m exp(-z)`` with ``z = b d`` and ``m = σ(z / τ)``: DiscoPOP's log-ratio
     modulated loss, a blend of the logistic and exponential losses (Chris Lu et al. 2024,
     arXiv:2406.08414, Eq. 5; τ = discopop_tau > 0)."""
-    z = t.beta * t.margin
+    z = t.beta * t.score_margin
     m = torch.sigmoid(z / t.options["discopop_tau"])
     return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
+
+
+_LENGTHS = {"chosen_lengths": None, "rejected_lengths": None}
+
+
+@register_dpo_loss("sigmoid_norm", options=_LENGTHS)
+def _sigmoid_norm(t: PairTerms) -> torch.Tensor:
+    """``-logσ(b (c/n_w - r/n_l))``: DPO on length-normalised log-ratios (per-token mean rewards, as in
+    SimPO's length normalisation, Meng et al. 2024, arXiv:2405.14734, with the reference kept); ``n`` the
+    completion token counts (``chosen_lengths`` / ``rejected_lengths``, required, clamped to >= 1)."""
+    n_w = t.options["chosen_lengths"].to(t.chosen_logps.dtype).clamp(min=1)
+    n_l = t.options["rejected_lengths"].to(t.chosen_logps.dtype).clamp(min=1)
+    return -F.logsigmoid(t.beta * (t.chosen_scores / n_w - t.rejected_scores / n_l))
+
+
+@register_dpo_loss("sft", options={**_LENGTHS, "sft_chosen_logps": None})
+def _sft(t: PairTerms) -> torch.Tensor:
+    """``-sum_p S_p / sum_p n_p`` for every pair: the chosen completions' token-mean negative log-likelihood
+    over the batch (an SFT term, as in RPO, Pang et al. 2024, arXiv:2404.19733, and MPO's mix), with ``S_p``
+    the plain (never LD-weighted) chosen log-prob sum (``sft_chosen_logps``, default ``chosen_logps``) and
+    ``n_p`` its token count (``chosen_lengths``, required). One batch scalar, repeated per pair as TRL does,
+    so that WPO weights still scale it pair by pair."""
+    s = t.chosen_logps if t.options["sft_chosen_logps"] is None else t.options["sft_chosen_logps"]
+    s = s.to(t.chosen_logps.dtype)
+    n = t.options["chosen_lengths"].to(s.dtype).sum().clamp(min=1)
+    return (-s.sum() / n).expand(s.shape)

@@ -13,7 +13,13 @@ sequence, so it is unknown until every token of the pair is seen. The module the
    logits again, then ``grad_hidden`` and ``grad_weight`` (3 matmuls).
 
 Policy: 4 vocabulary matmuls (the logits of step 1 are not kept: that would be [N, V]); reference: 1
-(none when its log-probs are precomputed). Only completion rows (labels != ignore_index) enter any matmul,
+(none when its log-probs are precomputed). WPO weighting (``use_weighting``) adds one no-grad sweep over
+the policy rows (1 matmul): WPO needs ``log sum_v p_v^2`` per token, and since
+``log sum_v p_v^2 = 2 logp_T - logp_{T/2}`` (``logp_τ`` the label's log-prob at temperature τ, as
+``lse(2z/T) - 2 lse(z/T)`` rewrites), WPO's aligned log-prob ``logp_T - log sum_v p_v^2`` is exactly
+``logp_{T/2} - logp_T``: a log-prob sweep at half the temperature, no new kernel. The ``sft`` term's
+gradient is 1 per chosen token (never LD-weighted), added to the LD-weighted DPO gradient.
+Only completion rows (labels != ignore_index) enter any matmul,
 so prompt and padding tokens cost nothing. Without a gradient to take (``torch.no_grad`` or frozen
 inputs) step 3 is skipped.
 """
@@ -24,7 +30,14 @@ import torch
 from torch import nn
 
 from fastrl.losses._fused import AttachGrads, check_fused_options
-from fastrl.losses.dpo import dpo_loss, ld_sequence_logps, ld_token_weights, validate_dpo_options
+from fastrl.losses.dpo import (
+    dpo_loss,
+    ld_sequence_logps,
+    ld_token_weights,
+    loss_types_of,
+    validate_dpo_options,
+    wpo_weights,
+)
 from fastrl.ops._common import check_float, check_labels, check_same_device
 
 
@@ -51,10 +64,13 @@ def _check_head(prefix: str, weight: torch.Tensor, bias: torch.Tensor | None) ->
 class FusedLinearDPOLoss(nn.Module):
     """``dpo_loss`` of the (LD-)sequence log-probs of ``hidden @ weight.T + bias``, fused (see module doc).
 
-    Options (keyword-only): ``beta``, ``loss_type``, ``label_smoothing`` and per-type ``options`` as in
-    :func:`fastrl.losses.dpo.dpo_loss` (for ``ipo`` the completion token counts are passed for you, as
-    TRL does); ``ld_alpha`` None (plain sums) or in [0, 1] (LD-DPO, applied to policy and in-call
-    reference); ``temperature`` divides the logits of the policy and of the in-call reference;
+    Options (keyword-only): ``beta``, ``loss_type`` (a name or a list), ``loss_weights``,
+    ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef`` and per-type ``options`` as in
+    :func:`fastrl.losses.dpo.dpo_loss` (for ``ipo``, ``sigmoid_norm`` and ``sft`` the completion token
+    counts, and sft's plain chosen sums, are passed for you, as TRL does); ``use_weighting``: WPO's
+    per-pair weights (:func:`fastrl.losses.dpo.wpo_weights`) from the policy; ``ld_alpha`` None (plain
+    sums) or in [0, 1] (LD-DPO, applied to policy and in-call reference); ``temperature`` divides the
+    logits of the policy and of the in-call reference;
     ``ignore_index`` marks prompt and padding labels; ``chunk_size`` and ``impl`` go to the log-prob ops.
     """
 
@@ -62,8 +78,12 @@ class FusedLinearDPOLoss(nn.Module):
         self,
         *,
         beta: float = 0.1,
-        loss_type: str = "sigmoid",
+        loss_type: str | list[str] = "sigmoid",
         label_smoothing: float = 0.0,
+        loss_weights: list[float] | None = None,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        use_weighting: bool = False,
         ld_alpha: float | None = None,
         temperature: float = 1.0,
         ignore_index: int = -100,
@@ -72,9 +92,23 @@ class FusedLinearDPOLoss(nn.Module):
         **options,
     ) -> None:
         super().__init__()
-        if loss_type == "ipo" and {"chosen_lengths", "rejected_lengths"} & set(options):
-            raise ValueError("chosen_lengths/rejected_lengths are taken from the labels; do not pass them")
-        self.options = validate_dpo_options(beta, loss_type, label_smoothing, options)
+        taken = {"chosen_lengths", "rejected_lengths", "sft_chosen_logps"} & set(options)
+        if taken:
+            raise ValueError(f"{sorted(taken)} are taken from the labels and log-probs; do not pass them")
+        self.div = dict(
+            loss_weights=None if loss_weights is None else list(loss_weights),
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+        )
+        self.options = validate_dpo_options(beta, loss_type, label_smoothing, options, **self.div)
+        self.types = loss_types_of(loss_type)
+        if not isinstance(use_weighting, bool):
+            raise ValueError(f"use_weighting must be a bool, got {use_weighting!r}")
+        if use_weighting and set(self.types) & {"aot", "aot_unpaired"}:
+            raise ValueError(
+                "use_weighting does not apply to aot / aot_unpaired (their sorts reorder the pairs)"
+            )
+        self.use_weighting = use_weighting
         if ld_alpha is not None and (
             isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0 <= ld_alpha <= 1
         ):
@@ -87,6 +121,7 @@ class FusedLinearDPOLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
+            f"{', '.join(f'{k}={v!r}' for k, v in self.div.items())}, use_weighting={self.use_weighting}, "
             f"ld_alpha={self.ld_alpha}, temperature={self.temperature}, impl={self.impl!r}"
         )
 
@@ -121,6 +156,8 @@ class FusedLinearDPOLoss(nn.Module):
         Tr = hidden_rejected.shape[1]
         mask_c, mask_r = labels_chosen != self.ignore_index, labels_rejected != self.ignore_index
         alpha = 1.0 if self.ld_alpha is None else self.ld_alpha
+        # The log-probs' dtype: fp32, or fp64 for fp64 inputs (so the loss math keeps fp64 precision).
+        acc = torch.float64 if hidden_chosen.dtype == torch.float64 else torch.float32
         idx_c, idx_r = mask_c.reshape(-1).nonzero().squeeze(1), mask_r.reshape(-1).nonzero().squeeze(1)
         # Every row below is one completion token: chosen rows first, then rejected. ``seq`` maps a row to
         # its sequence in the [2P] vector of sums (chosen p -> p, rejected p -> P + p).
@@ -128,16 +165,13 @@ class FusedLinearDPOLoss(nn.Module):
         seq_n = torch.cat([idx_c // Tc, P + idx_r // Tr])
         w_n = torch.cat(
             [
-                ld_token_weights(mask_c, mask_r, alpha).reshape(-1)[idx_c],
-                ld_token_weights(mask_r, mask_c, alpha).reshape(-1)[idx_r],
+                ld_token_weights(mask_c, mask_r, alpha, dtype=acc).reshape(-1)[idx_c],
+                ld_token_weights(mask_r, mask_c, alpha, dtype=acc).reshape(-1)[idx_r],
             ]
         )
 
         def rows(hc: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
             return torch.cat([hc.reshape(-1, hc.shape[-1])[idx_c], hr.reshape(-1, hr.shape[-1])[idx_r]])
-
-        # The log-probs' dtype: fp32, or fp64 for fp64 inputs (so the loss math keeps fp64 precision).
-        acc = torch.float64 if hidden_chosen.dtype == torch.float64 else torch.float32
 
         def sums(logp_n: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(2 * P, dtype=acc, device=logp_n.device)
@@ -163,23 +197,46 @@ class FusedLinearDPOLoss(nn.Module):
                     ref_seq = torch.cat([ref_chosen_logps, ref_rejected_logps]).to(acc)
 
         options = dict(self.options)
-        if self.loss_type == "ipo":
+        if set(self.types) & {"ipo", "sigmoid_norm", "sft"}:
             options.update(chosen_lengths=mask_c.sum(1), rejected_lengths=mask_r.sum(1))
+        pair_weights = None
+        if self.use_weighting:
+            with torch.no_grad():  # WPO: logp at half the temperature (module docstring)
+                half = dict(head, temperature=self.temperature / 2)
+                aligned = self._logprobs(hidden_n, weight, labels_n, bias, half).to(acc) - logp_n.to(acc)
+                n_seq = torch.zeros(2 * P, dtype=acc, device=aligned.device)
+                n_seq.index_add_(0, seq_n, torch.ones_like(aligned))
+                v = torch.zeros_like(n_seq).index_add_(0, seq_n, aligned).div_(n_seq.clamp(min=1)).exp_()
+                pair_weights = v[:P] * v[P:]
         seq = sums(logp_n).requires_grad_()
+        wrt = [seq]
+        if "sft" in self.types and self.ld_alpha is not None:
+            # sft reads the plain chosen sums, not the LD-weighted ones
+            plain = torch.zeros(P, dtype=acc, device=logp_n.device)
+            plain = plain.index_add_(0, seq_n[: idx_c.numel()], logp_n[: idx_c.numel()].to(acc))
+            options["sft_chosen_logps"] = plain.requires_grad_()
+            wrt.append(options["sft_chosen_logps"])
         with torch.enable_grad():
             loss, metrics = dpo_loss(
                 seq[:P], seq[P:], ref_seq[:P], ref_seq[P:], beta=self.beta, loss_type=self.loss_type,
-                label_smoothing=self.label_smoothing, **options,
+                label_smoothing=self.label_smoothing, pair_weights=pair_weights, **self.div, **options,
             )  # fmt: skip
-            grad_seq = torch.autograd.grad(loss, seq)[0] if loss.requires_grad else torch.zeros_like(seq)
+            if loss.requires_grad:
+                grads_seq = torch.autograd.grad(loss, wrt, allow_unused=True)
+            else:
+                grads_seq = [None] * len(wrt)
         loss = loss.detach()
+        grad_seq = torch.zeros_like(seq) if grads_seq[0] is None else grads_seq[0]
+        grad_n = grad_seq[seq_n] * w_n
+        if len(wrt) == 2 and grads_seq[1] is not None:  # sft's weight-1 gradient on the chosen rows
+            grad_n[: idx_c.numel()] += grads_seq[1][seq_n[: idx_c.numel()]]
 
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden_n, weight, bias)
         )
         if not needs_grad:
             return loss, metrics
-        grads = self._grads(hidden_n, weight, labels_n, bias, grad_seq[seq_n] * w_n, head)
+        grads = self._grads(hidden_n, weight, labels_n, bias, grad_n, head)
         return AttachGrads.apply(loss, hidden_n, weight, bias, *grads), metrics
 
     def _logprobs(self, hidden_n, weight, labels_n, bias, head) -> torch.Tensor:
@@ -289,7 +346,9 @@ def linear_dpo_reference(
     m = FusedLinearDPOLoss(**kwargs)  # the module's option checks and per-type defaults
     alpha = 1.0 if m.ld_alpha is None else m.ld_alpha
 
-    def seq_logps(hc, hr, w, b):
+    mask_c, mask_r = labels_chosen != m.ignore_index, labels_rejected != m.ignore_index
+
+    def token_logps(hc, hr, w, b):
         logps = []
         for h, y in ((hc, labels_chosen), (hr, labels_rejected)):
             logp = linear_logprobs_reference(
@@ -297,7 +356,10 @@ def linear_dpo_reference(
                 ignore_index=m.ignore_index,
             )  # fmt: skip
             logps.append(logp.reshape(y.shape))
-        mask_c, mask_r = labels_chosen != m.ignore_index, labels_rejected != m.ignore_index
+        return logps
+
+    def seq_logps(hc, hr, w, b):
+        logps = token_logps(hc, hr, w, b)
         return ld_sequence_logps(logps[0], mask_c, logps[1], mask_r, alpha)
 
     chosen, rejected = seq_logps(hidden_chosen, hidden_rejected, weight, t["bias"])
@@ -307,10 +369,24 @@ def linear_dpo_reference(
             w, b = (weight, t["bias"]) if t["ref_weight"] is None else (t["ref_weight"], t["ref_bias"])
             ref_chosen, ref_rejected = seq_logps(t["ref_hidden_chosen"], t["ref_hidden_rejected"], w, b)
     options = dict(m.options)
-    if m.loss_type == "ipo":
-        options["chosen_lengths"] = (labels_chosen != m.ignore_index).sum(1)
-        options["rejected_lengths"] = (labels_rejected != m.ignore_index).sum(1)
+    if set(m.types) & {"ipo", "sigmoid_norm", "sft"}:
+        options["chosen_lengths"] = mask_c.sum(1)
+        options["rejected_lengths"] = mask_r.sum(1)
+    if "sft" in m.types and m.ld_alpha is not None:
+        plain = token_logps(hidden_chosen, hidden_rejected, weight, t["bias"])[0]
+        options["sft_chosen_logps"] = torch.where(mask_c, plain, 0.0).sum(1)
+    pair_weights = None
+    if m.use_weighting:
+        with torch.no_grad():  # WPO from the materialised logits: log sum_v p_v^2 = logsumexp(2 log p)
+            parts = []
+            for h, y in ((hidden_chosen, labels_chosen), (hidden_rejected, labels_rejected)):
+                z = h @ weight.T if t["bias"] is None else h @ weight.T + t["bias"]
+                z = z.to(torch.promote_types(z.dtype, torch.float32)) / m.temperature
+                log_p = torch.log_softmax(z, -1)
+                lp = log_p.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+                parts += [lp, torch.logsumexp(2 * log_p, -1)]
+            pair_weights = wpo_weights(parts[0], parts[1], mask_c, parts[2], parts[3], mask_r)
     return dpo_loss(
         chosen, rejected, ref_chosen, ref_rejected, beta=m.beta, loss_type=m.loss_type,
-        label_smoothing=m.label_smoothing, **options,
+        label_smoothing=m.label_smoothing, pair_weights=pair_weights, **m.div, **options,
     )  # fmt: skip

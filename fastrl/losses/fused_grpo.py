@@ -10,8 +10,10 @@ and bias are stashed and the returned loss's backward only scales them by the up
 
 Sequence-level ratios (GSPO) need the sequence mean of the log-ratio before any token's gradient is
 known, and so do sequence-level IS weights (and token-level ones without ``old_logp``, which then come
-from logp itself). There a first no-grad sweep computes the log-probs (``linear_logprobs``, forward only:
-one extra ``2NHV``), the sequence terms follow from it, and the one-pass sweep runs with them fixed;
+from logp itself), vespo's gamma weights (a sequence sum of log-ratios) and the off-policy mask (a
+sequence mean of the sampling KL). There a first no-grad sweep computes the log-probs
+(``linear_logprobs``, forward only: one extra ``2NHV``), the sequence terms follow from it, and the
+one-pass sweep runs with them fixed;
 the per-token parts use the log-probs of the second sweep, which are the same numbers.
 
 ``return_entropy=True`` adds the per-token entropy ``H_t = -sum_v p_v log p_v``, ``p = softmax(z_t)``, of
@@ -19,7 +21,19 @@ the same logits ``z = (h W^T + b) / temperature`` to the metrics, taken from a s
 the loss-only forward, else the first no-grad sweep where there is one, else the one-pass sweep. Where
 there are two sweeps the first one takes it: its row pass costs the same in either, but it runs before
 the gradient buffers exist, so the entropy's chunk-sized temporaries do not raise the one-pass sweep's
-memory peak. The GRPO loss has no entropy term, so the gradients are unchanged.
+memory peak.
+
+The entropy options of the loss (``grpo_loss``'s docstring):
+
+- ``entropy_coef != 0`` (the entropy bonus) alone: its gradient ``dL/dH_t = -entropy_coef * m_t / sum m``
+  is known upfront, so the one-pass sweep takes it as well (``fused_linear_logprobs_with_grad``'s entropy
+  gradient, ``-dL/dH_t * p (log p + H_t)`` per logit row): no extra sweep, the entropy row pass added.
+- ``top_entropy_quantile < 1``: which tokens train depends on a quantile of the whole batch's entropies,
+  so no token's gradient is known before every entropy is. The first no-grad sweep therefore runs
+  (forward only, ``2NHV`` plus the entropy row pass) with the entropy on, then the mask is fixed and the
+  one-pass sweep runs with it; where a first sweep runs anyway (GSPO, vespo, the off-policy mask) the
+  quantile costs only its entropy row pass. The result is exact, not an approximation from stale
+  entropies: both sweeps compute the same logits.
 """
 
 from __future__ import annotations
@@ -100,38 +114,43 @@ class FusedLinearGRPOLoss(nn.Module):
         if not isinstance(labels_BT, torch.Tensor) or tuple(labels_BT.shape) != (B, T):
             got = tuple(labels_BT.shape) if isinstance(labels_BT, torch.Tensor) else type(labels_BT).__name__
             raise ValueError(f"labels_BT must have shape [B, T] = {(B, T)}, got {got}")
-        check_grpo_inputs((B, T), old_logp, advantages, mask, ref_logp, engine_logp, cfg)
+        check_grpo_inputs((B, T), old_logp, advantages, mask, ref_logp, engine_logp, cfg, entropy_given=True)
         check_same_device(hidden_BTH=hidden_BTH, mask=mask)
         ll_kwargs = dict(bias=bias, temperature=self.temperature, impl=self.impl, chunk_size=self.chunk_size)
 
         trainable = [t for t in (hidden_BTH, weight_VH, bias) if t is not None and t.requires_grad]
+        want_entropy = self.return_entropy or cfg.needs_entropy
         if not (torch.is_grad_enabled() and trainable):
             # Loss only: one forward sweep and the elementwise loss.
             with torch.no_grad():
-                logp, entropy = self._forward_sweep(hidden_BTH, weight_VH, labels_BT, ll_kwargs)
+                logp, entropy = self._forward_sweep(hidden_BTH, weight_VH, labels_BT, ll_kwargs, want_entropy)
                 loss, metrics = self._loss_and_metrics(
                     logp, old_logp, advantages, mask, ref_logp, engine_logp, entropy
                 )
             return loss, metrics
 
         logp0 = entropy = None
-        if needs_full_logp(cfg, old_logp, engine_logp):
+        quantile = cfg.top_entropy_quantile < 1.0
+        if quantile or needs_full_logp(cfg, old_logp, engine_logp):
             with torch.no_grad():  # the first sweep of the module docstring: forward only
-                logp0, entropy = self._forward_sweep(hidden_BTH, weight_VH, labels_BT, ll_kwargs)
+                logp0, entropy = self._forward_sweep(
+                    hidden_BTH, weight_VH, labels_BT, ll_kwargs, self.return_entropy or quantile
+                )
         # The math in the dtype of the log-probs (fp64 for fp64 inputs), as grpo_loss does.
         p = prepare_grpo(
             logp0, old_logp, advantages, mask, cfg, ref_logp=ref_logp, engine_logp=engine_logp,
-            dtype=compute_dtype(hidden_BTH),
+            entropy=entropy, dtype=compute_dtype(hidden_BTH),
         )  # fmt: skip
         hidden_NH = hidden_BTH.reshape(B * T, H)
-        # The entropy comes from this sweep only when there was no first one (module docstring).
-        with_entropy = self.return_entropy and entropy is None
+        # The entropy comes from this sweep when there was no first one (module docstring), and its
+        # row pass runs here whenever the entropy bonus sends a gradient through it.
+        with_entropy = (want_entropy and entropy is None) or cfg.entropy_coef != 0.0
         res = fused_linear_logprobs_with_grad(
             hidden_NH, weight_VH, labels_BT.reshape(B * T), _chunk_grad_fn(p, B, T),
             with_entropy=with_entropy, **ll_kwargs,
         )  # fmt: skip
         logp = res.logp.view(B, T)
-        if with_entropy:
+        if entropy is None and with_entropy:
             entropy = res.entropy.view(B, T)
         with torch.no_grad():
             loss, metrics = self._loss_and_metrics(
@@ -142,20 +161,18 @@ class FusedLinearGRPOLoss(nn.Module):
         )
         return loss, metrics
 
-    def _forward_sweep(self, hidden_BTH, weight_VH, labels_BT, ll_kwargs):
-        """(logp, entropy or None) [B, T] from one forward-only sweep; entropy when ``return_entropy``."""
-        out = linear_logprobs(
-            hidden_BTH, weight_VH, labels_BT, return_entropy=self.return_entropy, **ll_kwargs
-        )
-        return out if self.return_entropy else (out, None)
+    def _forward_sweep(self, hidden_BTH, weight_VH, labels_BT, ll_kwargs, with_entropy: bool):
+        """(logp, entropy or None) [B, T] from one forward-only sweep."""
+        out = linear_logprobs(hidden_BTH, weight_VH, labels_BT, return_entropy=with_entropy, **ll_kwargs)
+        return out if with_entropy else (out, None)
 
     def _loss_and_metrics(self, logp, old_logp, advantages, mask, ref_logp, engine_logp, entropy):
         loss, metrics = grpo_loss(
-            logp, old_logp, advantages, mask, ref_logp=ref_logp, engine_logp=engine_logp, config=self.config,
-            impl="torch",
+            logp, old_logp, advantages, mask, ref_logp=ref_logp, engine_logp=engine_logp,
+            entropy=entropy if self.config.needs_entropy else None, config=self.config, impl="torch",
         )  # fmt: skip
         metrics["logp"] = logp.detach()
-        if entropy is not None:
+        if entropy is not None and self.return_entropy:
             metrics["entropy"] = entropy.detach()
         return loss, metrics
 
@@ -163,11 +180,12 @@ class FusedLinearGRPOLoss(nn.Module):
 def _chunk_grad_fn(p, B: int, T: int):
     """``grad_fn(rows, logp_C, entropy_C)`` over the flat [B * T] tokens, from ``prepare_grpo``'s output."""
     flat = {k: None if t is None else t.expand(B, T).reshape(B * T) for k, t in p.token_tensors().items()}
+    ent_grad = None if p.entropy_grad is None else p.entropy_grad.expand(B, T).reshape(B * T)
 
     def grad_fn(rows: slice, logp_C: torch.Tensor, entropy_C: torch.Tensor | None):
         chunk = {k: None if t is None else t[rows] for k, t in flat.items()}
         if chunk["old_logp"] is None:  # old_logp=None means logp.detach()
             chunk["old_logp"] = logp_C
-        return grpo_token_grad(logp_C, cfg=p.cfg, **chunk), None
+        return grpo_token_grad(logp_C, cfg=p.cfg, **chunk), None if ent_grad is None else ent_grad[rows]
 
     return grad_fn

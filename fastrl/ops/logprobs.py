@@ -359,8 +359,9 @@ def logprobs(
         logp_i    = z_{i, y_i} - lse_i                  (exactly 0 where y_i == ignore_index)
         entropy_i = -sum_j p_ij log p_ij,  p_ij = exp(z_ij - lse_i)
 
-    The entropy is computed for every row, ignored ones included (as TRL does): masking it is the
-    caller's business. Gradients, for any upstream ``g_logp`` and ``g_H``::
+    The entropy is computed for every row, ignored ones included (TRL's fused head zeroes the ignored
+    rows' entropy instead): masking it is the caller's business. Gradients, for any upstream ``g_logp``
+    and ``g_H``::
 
         dL/dlogits_ij = (g_logp_i * (1[j = y_i] - p_ij) - g_H_i * p_ij (log p_ij + H_i)) / T
 

@@ -30,8 +30,25 @@ class DPOConfig:
     """The DPO loss and its reference."""
 
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the implicit reward."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "A loss of fastrl.losses.dpo.DPO_LOSSES."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Label noise (cDPO/robust/exo_pair)."})
+    loss_type: list[str] | str = field(
+        default="sigmoid",
+        metadata={"help": "A loss of fastrl.losses.dpo.DPO_LOSSES, or several summed: [sigmoid, sft]."},
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per loss_type entry (None: all 1), e.g. [1.0, 0.3]."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Label noise (robust/exo_pair/aot; sigmoid: cDPO, which TRL >= 0.29 ignores)."},
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={"help": "f-DPO regulariser: reverse_kl, forward_kl, js_divergence or alpha_divergence."},
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "The alpha of f_divergence_type alpha_divergence."}
+    )
+    use_weighting: bool = field(default=False, metadata={"help": "WPO's per-pair weights (2406.11827)."})
     loss_options: dict = field(
         default_factory=dict, metadata={"help": "Extra options of the loss type, e.g. {discopop_tau: 0.05}."}
     )
@@ -75,6 +92,10 @@ class DPOStep:
             beta=d.beta,
             loss_type=d.loss_type,
             label_smoothing=d.label_smoothing,
+            loss_weights=d.loss_weights,
+            f_divergence_type=d.f_divergence_type,
+            f_alpha_divergence_coef=d.f_alpha_divergence_coef,
+            use_weighting=d.use_weighting,
             ld_alpha=d.ld_alpha,
             chunk_size=d.chunk_size,
             **d.loss_options,

@@ -172,7 +172,7 @@ class GRPOStep:
             self.buffer, self.round_metrics = make_rollout(self, rows, index // self.cycle)
         mb = to_device(self.buffer[index % self.steps_per_generation], self.device)
         loss_fn = self.loss_fn
-        if self.loss_cfg.loss_type in ("dapo", "cispo") and self.loss_cfg.num_items_in_batch is None:
+        if self.loss_cfg.uses_num_items and self.loss_cfg.num_items_in_batch is None:
             loss_fn.config = dataclasses.replace(self.loss_cfg, num_items_in_batch=float(mb["num_items"]))
 
         def head(hidden, weight, bias, mb):

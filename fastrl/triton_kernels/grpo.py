@@ -3,8 +3,11 @@
 The math (policy terms, normaliser, KL, engine IS weight, GSPO chain term) is that of
 ``fastrl.losses.grpo_math``, whose module docstring gives the formulas; this kernel is its fused form::
 
-    loss_partial[b, j] = sum over the j-th block of row b of  c * (w * P + beta * K)
+    loss_partial[b, j] = sum over the j-th block of row b of  c * (w * P + beta * q * K) + g_H * H
     grad[b, t]         = dloss / dlogp[b, t]
+
+(``q`` the token ratio with the KL bias correction, else 1; ``g_H * H`` the entropy bonus, ``g_H`` its
+per-token gradient, computed by the caller: the kernel only adds its value.)
 
 Only builtins are used: ``tl.zeros``/``tl.sum``/``tl.sigmoid`` are ``@triton.jit`` helpers that the
 interpreted copy of this module (``_runtime.kernels``) cannot call, so the sum is ``tl.reduce`` with the
@@ -24,7 +27,7 @@ import triton.language as tl
 
 from fastrl.triton_kernels import _lang
 
-POLICY_IDS = {"clip": 0, "cispo": 1, "sapo": 2}
+POLICY_IDS = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 _add = _lang.load().add  # tl.reduce combine function (see _lang.py)
 
 
@@ -40,6 +43,9 @@ def _grpo_loss_kernel(
     row_scale_ptr,
     seq_log_ratio_ptr,
     seq_chain_ptr,
+    phi_ptr,
+    ent_ptr,
+    ent_grad_ptr,
     params_ptr,
     loss_ptr,
     grad_ptr,
@@ -58,11 +64,19 @@ def _grpo_loss_kernel(
     stride_rt,
     stride_wb,
     stride_wt,
+    stride_pb,
+    stride_pt,
+    stride_hb,
+    stride_ht,
+    stride_gb,
+    stride_gt,
     # constexprs
     POLICY: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     HAS_KL: tl.constexpr,
+    KL_BIAS_CORRECTION: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_ENT: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -90,6 +104,13 @@ def _grpo_loss_kernel(
     else:
         old = tl.load(old_ptr + b * stride_ob + t * stride_ot, mask=valid, other=0.0).to(ACC)
         ratio = tl.exp(logp - old)
+    if HAS_KL and KL_BIAS_CORRECTION:
+        # The KL's importance weight is the token ratio, at the sequence level too.
+        if SEQ_LEVEL:
+            old = tl.load(old_ptr + b * stride_ob + t * stride_ot, mask=valid, other=0.0).to(ACC)
+            token_ratio = tl.exp(logp - old)
+        else:
+            token_ratio = ratio
 
     # Policy term P, its direct derivative dP/dl and its derivative through the ratio dP/dr.
     zero = tl.full([BLOCK_T], 0.0, ACC)
@@ -111,6 +132,11 @@ def _grpo_loss_kernel(
         p = -capped * adv * logp
         direct = -capped * adv
         d_ratio = zero
+    elif POLICY == 3:  # vespo: the detached per-sequence gamma weight phi
+        phi = tl.load(phi_ptr + b * stride_pb + t * stride_pt, mask=valid, other=0.0).to(ACC)
+        p = -phi * adv * logp
+        direct = -phi * adv
+        d_ratio = zero
     else:  # sapo
         tau = tl.where(adv > 0.0, tau_pos, tau_neg).to(ACC)
         s = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
@@ -129,10 +155,20 @@ def _grpo_loss_kernel(
         ref = tl.load(ref_ptr + b * stride_rb + t * stride_rt, mask=valid, other=0.0).to(ACC)
         d = ref - logp
         e = tl.exp(d)
-        p += beta * (e - d - 1.0)
-        grad += beta * (1.0 - e)
+        kl = e - d - 1.0
+        if KL_BIAS_CORRECTION:
+            p += beta * token_ratio * kl
+            grad += beta * token_ratio * (kl + 1.0 - e)
+        else:
+            p += beta * kl
+            grad += beta * (1.0 - e)
 
-    tl.store(loss_ptr + b * tl.num_programs(1) + blk, tl.reduce(tl.where(valid, coef * p, 0.0), 0, _add))
+    loss_t = coef * p
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + b * stride_hb + t * stride_ht, mask=valid, other=0.0).to(ACC)
+        ent_grad = tl.load(ent_grad_ptr + b * stride_gb + t * stride_gt, mask=valid, other=0.0).to(ACC)
+        loss_t += ent_grad * ent
+    tl.store(loss_ptr + b * tl.num_programs(1) + blk, tl.reduce(tl.where(valid, loss_t, 0.0), 0, _add))
     if COMPUTE_GRAD:
         grad = grad * coef
         if SEQ_LEVEL:
@@ -159,14 +195,20 @@ def grpo_loss_fwd_bwd(
     beta: float,
     tau_pos: float,
     tau_neg: float,
+    kl_bias_correction: bool = False,
     ref_BT: torch.Tensor | None = None,
     w_BT: torch.Tensor | None = None,
     seq_log_ratio_B: torch.Tensor | None = None,
     seq_chain_B: torch.Tensor | None = None,
+    phi_BT: torch.Tensor | None = None,
+    entropy_BT: torch.Tensor | None = None,
+    entropy_grad_BT: torch.Tensor | None = None,
     compute_grad: bool = True,
     interpret: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel. ``adv_BT``/``w_BT`` may be stride-0 broadcast views; ``mask_BT`` any dtype.
+    """Launch the kernel. ``adv_BT``/``w_BT``/``phi_BT`` may be stride-0 broadcast views; ``mask_BT`` any
+    dtype. ``phi_BT`` is vespo's gamma weight (required there); ``entropy_BT`` with ``entropy_grad_BT`` adds
+    the entropy bonus ``sum entropy_grad * entropy`` to the loss (its gradient is ``entropy_grad``).
 
     Returns ``(loss, grad)``: the scalar loss and ``dloss/dlogp`` [B, T] (None unless ``compute_grad``),
     both fp32 (fp64 for fp64 logp). ``row_scale_B``, ``seq_log_ratio_B`` and ``seq_chain_B`` must be
@@ -188,6 +230,9 @@ def grpo_loss_fwd_bwd(
     params = torch.tensor(scalars, dtype=acc, device=logp_BT.device)
     dummy = row_scale_B  # never read when its constexpr flag is off
     ref = ref_BT if beta != 0.0 else None
+    assert (policy == "vespo") == (phi_BT is not None), "phi_BT goes with policy='vespo'"
+    has_ent = entropy_grad_BT is not None
+    assert not has_ent or entropy_BT is not None, "the entropy bonus needs entropy_BT"
     _grpo_loss_kernel[(B, n_blocks)](
         logp_BT,
         old_BT,
@@ -198,6 +243,9 @@ def grpo_loss_fwd_bwd(
         row_scale_B,
         seq_log_ratio_B if seq else dummy,
         seq_chain_B if seq else dummy,
+        dummy if phi_BT is None else phi_BT,
+        entropy_BT if has_ent else dummy,
+        entropy_grad_BT if has_ent else dummy,
         params,
         partial,
         grad,
@@ -208,10 +256,15 @@ def grpo_loss_fwd_bwd(
         *mask_BT.stride(),
         *((0, 0) if ref is None else ref.stride()),
         *((0, 0) if w_BT is None else w_BT.stride()),
+        *((0, 0) if phi_BT is None else phi_BT.stride()),
+        *(entropy_BT.stride() if has_ent else (0, 0)),
+        *(entropy_grad_BT.stride() if has_ent else (0, 0)),
         POLICY=POLICY_IDS[policy],
         HAS_DELTA=delta is not None,
         HAS_KL=ref is not None,
+        KL_BIAS_CORRECTION=bool(kl_bias_correction) and ref is not None,
         HAS_W=w_BT is not None,
+        HAS_ENT=has_ent,
         SEQ_LEVEL=seq,
         COMPUTE_GRAD=compute_grad,
         BLOCK_T=block_t,

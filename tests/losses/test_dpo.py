@@ -72,7 +72,8 @@ def formula(loss_type, pc, pr, rc, rr, *, beta, ls, opts):
 
 
 # (loss_type, label_smoothing): every type, and the smoothing ones also with ε > 0.
-CASES = [(k, 0.0) for k in sorted(DPO_LOSSES) if k != "exo_pair"] + [
+# (sft and sigmoid_norm need completion lengths: tests/losses/test_dpo_options.py.)
+CASES = [(k, 0.0) for k in sorted(DPO_LOSSES) if k not in ("exo_pair", "sft", "sigmoid_norm")] + [
     ("sigmoid", 0.15),
     ("robust", 0.2),
     ("exo_pair", 1e-3),

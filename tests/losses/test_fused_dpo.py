@@ -69,10 +69,21 @@ def sums(logp_c, logp_r, yc, yr, ld_alpha):
     return ld_sequence_logps(logp_c, yc != IGNORE, logp_r, yr != IGNORE, alpha)
 
 
-def ipo_lengths(loss_type, yc, yr):
-    if loss_type != "ipo":
-        return {}
-    return {"chosen_lengths": (yc != IGNORE).sum(1), "rejected_lengths": (yr != IGNORE).sum(1)}
+def ipo_lengths(loss_type, yc, yr, chosen_token_logp=None, ld_alpha=None):
+    """What the module passes for you: token counts (ipo, sigmoid_norm, sft) and sft's plain chosen sums."""
+    types = {loss_type} if isinstance(loss_type, str) else set(loss_type)
+    out = {}
+    if types & {"ipo", "sigmoid_norm", "sft"}:
+        out = {"chosen_lengths": (yc != IGNORE).sum(1), "rejected_lengths": (yr != IGNORE).sum(1)}
+    if "sft" in types and ld_alpha is not None:
+        out["sft_chosen_logps"] = torch.where(yc != IGNORE, chosen_token_logp, 0.0).sum(1)
+    return out
+
+
+def grads_of(loss, inputs):
+    """Gradients, zeros where the loss does not read an input (sft alone never sees the rejected side)."""
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
 def run_all(case, yc, yr, *, ref_mode, with_bias, loss_type="sigmoid", ld_alpha=None, temperature=0.7,
@@ -97,11 +108,11 @@ def run_all(case, yc, yr, *, ref_mode, with_bias, loss_type="sigmoid", ld_alpha=
         ref_sums64 = sums(ref_c, ref_r, yc, yr, ld_alpha)
     truth_sums = sums(tc, tr, yc, yr, ld_alpha)
     truth_loss, truth_metrics = dpo_loss(
-        *truth_sums, *ref_sums64, **kw, **ipo_lengths(loss_type, yc, yr), **truth_options
+        *truth_sums, *ref_sums64, **kw, **ipo_lengths(loss_type, yc, yr, tc, ld_alpha), **truth_options
     )
     with torch.no_grad():  # the per-pair reward margins b ((c - c_ref) - (r - r_ref))
         margins = kw["beta"] * ((truth_sums[0] - ref_sums64[0]) - (truth_sums[1] - ref_sums64[1]))
-    truth = [truth_loss, *torch.autograd.grad(truth_loss, [x64[n] for n in names])]
+    truth = [truth_loss, *grads_of(truth_loss, [x64[n] for n in names])]
 
     if ref_mode == "precomputed":
         ref_kw = {"ref_chosen_logps": ref_sums64[0].float(), "ref_rejected_logps": ref_sums64[1].float()}
@@ -128,9 +139,13 @@ def run_all(case, yc, yr, *, ref_mode, with_bias, loss_type="sigmoid", ld_alpha=
                   for s, y in (("chosen", yc), ("rejected", yr))]  # fmt: skip
             rsum = sums(rl[0], rl[1], yc, yr, ld_alpha)
     ref_loss, ref_metrics = dpo_loss(
-        *sums(lc, lr, yc, yr, ld_alpha), *rsum, **kw, **ipo_lengths(loss_type, yc, yr), **options
+        *sums(lc, lr, yc, yr, ld_alpha),
+        *rsum,
+        **kw,
+        **ipo_lengths(loss_type, yc, yr, lc, ld_alpha),
+        **options,
     )
-    reference = [ref_loss, *torch.autograd.grad(ref_loss, [xr[n] for n in names])]
+    reference = [ref_loss, *grads_of(ref_loss, [xr[n] for n in names])]
 
     # kernel: the fused module
     xk = {n: case[n].clone().requires_grad_() for n in names}
