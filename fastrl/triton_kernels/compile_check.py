@@ -47,7 +47,10 @@ LAUNCHER_FLAGS = {
     "logprobs_backward": {"grad_logp_N", "grad_entropy_N"},
     "fused_forward": {"bias_V", "with_entropy"},
     "fused_backward": {"bias_V", "dentropy_N", "grad_hidden", "grad_weight", "grad_bias"},
-    "grpo_loss_fwd_bwd": {"policy", "delta", "beta", "ref_BT", "w_BT", "seq_log_ratio_B", "compute_grad"},
+    "grpo_loss_fwd_bwd": {
+        "policy", "delta", "beta", "kl_bias_correction", "ref_BT", "w_BT", "seq_log_ratio_B", "phi_BT",
+        "entropy_BT", "entropy_grad_BT", "compute_grad",
+    },
 }
 _FIXED = {"inv_temp", "ignore_index", "interpret", "eps_low", "eps_high", "tau_pos", "tau_neg", "seq_chain_B"}
 
@@ -350,17 +353,27 @@ def _grpo_cases(quick: bool) -> Iterator[Case]:
         row = torch.ones(b, dtype=acc)
         adv = torch.zeros(b, 1, dtype=dtype).expand(b, t)  # the ops pass [B] advantages as a stride-0 view
         every = dtype == torch.float32 and t == max(_GRPO_T) and not quick
-        for policy, (delta, kl, w, seq, grad) in itertools.product(k.POLICY_IDS, _flags(5)):
-            if not every and len({delta, kl, w, seq, grad}) > 1:  # all flags off, all on
-                continue
-
+        # Every combination of the five branch flags (KL bias correction and the entropy bonus off); those
+        # two, which add independent branches, alone and together with the five all off and all on.
+        # Elsewhere: everything off, everything on.
+        if every:
+            combos5 = [(f, (False, False)) for f in _flags(5)]
+            combos5 += [((on,) * 5, extra) for on in (False, True) for extra in _flags(2) if any(extra)]
+        else:
+            combos5 = [((False,) * 5, (False, False)), ((True,) * 5, (True, True))]
+        for policy, ((delta, kl, w, seq, grad), (kbc, ent)) in itertools.product(k.POLICY_IDS, combos5):
             launch = partial(
                 k.grpo_loss_fwd_bwd, logp, logp, adv, mask, row, policy=policy, eps_low=0.2, eps_high=0.28,
-                delta=2.0 if delta else None, beta=0.04 if kl else 0.0, tau_pos=1.0, tau_neg=1.05,
-                ref_BT=logp if kl else None, w_BT=adv if w else None, seq_log_ratio_B=row if seq else None,
-                seq_chain_B=row if seq else None, compute_grad=grad, interpret=False,
+                delta=2.0 if delta else None, beta=0.04 if kl or kbc else 0.0, tau_pos=1.0, tau_neg=1.05,
+                kl_bias_correction=kbc, ref_BT=logp if kl or kbc else None, w_BT=adv if w else None,
+                seq_log_ratio_B=row if seq else None, seq_chain_B=row if seq else None,
+                phi_BT=adv if policy == "vespo" else None, entropy_BT=logp if ent else None,
+                entropy_grad_BT=logp if ent else None, compute_grad=grad, interpret=False,
             )  # fmt: skip
-            yield f"grpo T={t} policy={policy} delta={delta} kl={kl} w={w} seq={seq} grad={grad}", launch
+            yield (
+                f"grpo {str(dtype)[6:]} T={t} policy={policy} delta={delta} kl={kl} kl_bc={kbc} w={w} "
+                f"seq={seq} ent={ent} grad={grad}"
+            ), launch
 
 
 CASE_BUILDERS = (_logprobs_cases, _linear_cases, _grpo_cases)
