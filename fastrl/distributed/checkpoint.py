@@ -8,13 +8,18 @@ A checkpoint is a directory (by convention ``<output_dir>/checkpoint-<step>``, s
     optimizer.pt, scheduler.pt  state dicts (optimizer keyed by parameter name), when given
     trainer_state.json          the trainer's ``state`` (step, data position, ...; JSON)
     rng_rank<r>.pt              python / numpy / torch CPU / CUDA generator states of each rank
-    COMPLETE                    written last; JSON with the format facts load needs
+    COMPLETE                    written last; JSON with the format facts load needs and the size and
+                                CRC-32 of every other file, verified on load (a truncated or damaged
+                                file is named in the error, never loaded)
 
 Atomicity: everything is written into a hidden sibling ``.<name>.tmp``, the ``COMPLETE`` marker last,
 then the directory is renamed into place (``os.replace`` of a directory is atomic on POSIX). An existing
 checkpoint of the same name is first moved aside (``.<name>.old``) and deleted only after the new one is
 in place. Files are fsynced before the marker is written. So an interrupted save leaves the previous
 checkpoints intact, and :func:`latest_checkpoint` only ever returns directories that carry ``COMPLETE``.
+The debris of a save killed outright (SIGKILL, power loss: a ``.checkpoint-<N>.tmp`` or ``.old``) is
+removed by the next save into the folder or by :func:`clean_debris`, which the trainers call on resume;
+a ``.old`` whose new copy never arrived is moved back into place.
 (Overwriting a name in place, which the trainers never do, has one window between the two renames
 where the old copy sits under the hidden ``.old`` name.)
 
@@ -30,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +44,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastrl.distributed import _state_dict as sd
-from fastrl.distributed.env import barrier, dist_info
+from fastrl.distributed.env import barrier, dist_info, is_distributed
 from fastrl.distributed.export import export_hf
 
 __all__ = [
     "checkpoint_path",
+    "clean_debris",
     "export_hf",
     "is_complete",
     "latest_checkpoint",
+    "list_checkpoints",
     "load_checkpoint",
+    "read_state",
     "rotate_checkpoints",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -57,8 +67,10 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: COMPLETE lists every file's size and CRC-32
 _NAME_RE = re.compile(r"^checkpoint-(\d+)$")
+_DEBRIS_RE = re.compile(r"^\.(checkpoint-\d+)\.(tmp|old)$")
+_CHUNK = 8 << 20
 
 
 def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
@@ -122,6 +134,7 @@ def save_checkpoint(
     if main:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            clean_debris(path.parent)  # of saves killed outright, any step
             shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
             tmp.mkdir()
             if adapter_only:
@@ -152,11 +165,89 @@ def save_checkpoint(
             "has_scheduler": scheduler is not None,
         }
         _fsync_tree(tmp)  # the data must be on disk before the marker can claim it is
+        meta["files"] = _file_table(tmp)
         (tmp / COMPLETE).write_text(json.dumps(meta), encoding="utf-8")
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
     barrier()
     return path
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _file_table(directory: Path) -> dict[str, list[int]]:
+    """``{relative path: [size in bytes, CRC-32]}`` of every file under ``directory``."""
+    return {
+        f.relative_to(directory).as_posix(): [f.stat().st_size, _crc32(f)]
+        for f in sorted(directory.rglob("*"))
+        if f.is_file() and f.name != COMPLETE
+    }
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """The ``COMPLETE`` metadata of ``path``, after checking every file it lists against its recorded
+    size and CRC-32; ``ValueError`` naming the first file that is missing, truncated or damaged.
+    Checkpoints of format 1 (no file table) pass unchecked."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"path must be a complete checkpoint (with a {COMPLETE} marker), got {path}")
+    try:
+        meta = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: its {COMPLETE} marker is not valid JSON ({e})") from e
+    for rel, (size, crc) in meta.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise ValueError(f"checkpoint {path} is damaged: {f} is missing")
+        got = f.stat().st_size
+        if got != size:
+            raise ValueError(
+                f"checkpoint {path} is damaged: {f} has {got} bytes, {COMPLETE} recorded {size} "
+                "(truncated or overwritten); resume from an earlier checkpoint"
+            )
+        if _crc32(f) != crc:
+            raise ValueError(
+                f"checkpoint {path} is damaged: {f} fails its CRC-32 check (contents changed after "
+                "the save); resume from an earlier checkpoint"
+            )
+    return meta
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """The trainer state saved in checkpoint ``path`` (``trainer_state.json``), without loading any
+    tensor: what a trainer checks before it resumes (step, who wrote it)."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"path must be a complete checkpoint (with a {COMPLETE} marker), got {path}")
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def clean_debris(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove what saves killed outright left in ``output_dir`` (rank 0 only; returns what it removed):
+    every ``.checkpoint-<N>.tmp``, and every ``.checkpoint-<N>.old`` whose ``checkpoint-<N>`` is in
+    place. A complete ``.old`` without its ``checkpoint-<N>`` (killed between the two renames of an
+    overwrite) is the only copy and is moved back instead."""
+    output_dir = Path(output_dir)
+    if not dist_info().is_main or not output_dir.is_dir():
+        return []
+    removed = []
+    for child in sorted(output_dir.iterdir()):
+        m = _DEBRIS_RE.match(child.name)
+        if not m or not child.is_dir():
+            continue
+        target = output_dir / m.group(1)
+        if m.group(2) == "old" and not target.exists() and is_complete(child):
+            os.replace(child, target)
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    return removed
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -197,9 +288,18 @@ def load_checkpoint(
     a process group; ``model`` must be wrapped (FSDP, AC, PEFT) as it is for training.
     """
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"path must be a complete checkpoint (with a {COMPLETE} marker), got {path}")
-    meta = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
+    meta, error = None, None
+    if dist_info().is_main:
+        try:
+            meta = verify_checkpoint(path)
+        except ValueError as e:
+            error = str(e)
+    if is_distributed():  # rank 0 checked the files; the others take its verdict with the metadata
+        box = [meta, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        meta, error = box
+    if error is not None:
+        raise ValueError(error)
     if optimizer is not None and not meta["has_optimizer"]:
         raise ValueError(f"optimizer given but checkpoint {path} holds no optimizer state")
     if scheduler is not None and not meta["has_scheduler"]:
@@ -252,9 +352,14 @@ def _steps(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete ``checkpoint-<step>`` directories in ``output_dir``, oldest (lowest step) first."""
+    return [p for _, p in _steps(Path(output_dir)) if is_complete(p)]
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete ``checkpoint-<step>`` directory with the highest step, or ``None``."""
-    complete = [p for _, p in _steps(Path(output_dir)) if is_complete(p)]
+    complete = list_checkpoints(output_dir)
     return complete[-1] if complete else None
 
 
@@ -270,7 +375,7 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
         return []
     steps = _steps(Path(output_dir))
     complete = [(s, p) for s, p in steps if is_complete(p)]
-    keep_set = {p for _, p in complete[len(complete) - keep :]} if keep else set()
+    keep_set = {p for _, p in complete[max(0, len(complete) - keep) :]} if keep else set()
     newest = complete[-1][0] if complete else -1
     deleted = []
     for step, p in steps:

@@ -121,7 +121,9 @@ def setup_run(
     and the dataset (given in memory, or loaded from ``cfg.data``). Returns
     ``(model, tokenizer, ref, policy, dataset)``."""
     from fastrl.data import load_data
+    from fastrl.trainers.run_state import preflight
 
+    preflight(cfg.train)  # output folder and resume checks, before anything loads
     model, tokenizer, ref = setup_policy(
         cfg.model, cfg.lora, device, need_reference=need_reference, model=model, tokenizer=tokenizer
     )

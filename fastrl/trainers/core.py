@@ -8,6 +8,17 @@ optimizer, scheduler, RNG states and the step's own state, e.g. the data positio
 ``output_dir`` holds a checkpoint resumes from it with ``resume_from_checkpoint="auto"``; the final model is
 exported in Hugging Face format to ``output_dir/final``.
 
+Runs and their folders (``run_state.py``): a fresh run refuses an ``output_dir`` that holds another
+run's checkpoints unless ``train.overwrite_output_dir`` (which deletes them); every checkpoint records
+the trainer, the model and a fingerprint of the config, and a resume is refused for another trainer,
+another model, a config field that must match, or a checkpoint past ``train.max_steps``. Ctrl-C or
+SIGTERM stops at the next step boundary with a checkpoint there and one line (``interrupt.py``; exit
+status 130 / 143).
+
+Logged metrics: per optimizer step, the mean over micro-steps, then over ranks, then over the steps of a
+logging window; count metrics (keys ``num_*``, e.g. ``num_loss_tokens``) are instead the step's total,
+summed over micro-steps and ranks (and averaged over the window's steps).
+
 Schedule: ``lr(s) = lr * s / warmup_steps`` for ``s < warmup_steps``; afterwards ``lr`` (constant) or
 ``lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)`` with ``p = (s - warmup) / (max_steps - warmup)`` and
 ``m = min_lr_ratio`` (cosine).
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -78,6 +90,12 @@ class TrainConfig:
     )
     resume_from_checkpoint: str = field(
         default="", metadata={"help": "'' (fresh run), 'auto' (latest in output_dir, if any) or a path."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a fresh run start in an output_dir holding another run's checkpoints (deletes them)."
+        },
     )
     export_final: bool = field(default=True, metadata={"help": "Export output_dir/final in HF format."})
     fsdp: bool | None = field(
@@ -203,22 +221,33 @@ def train(
     optim_cfg: OptimConfig,
     adapter_only: bool = False,
     desc: str = "train",
+    run: dict | None = None,
 ) -> dict:
-    """Run the loop (see the module docstring). Returns the last record plus ``history`` (all records)."""
+    """Run the loop (see the module docstring). Returns the last record plus ``history`` (all records).
+
+    ``run``: this run's identity (``run_state.run_identity``), recorded in every checkpoint and checked
+    against the checkpoint a resume starts from (``None``: neither). Raises ``TrainingInterrupted`` (a
+    ``SystemExit``) when stopped by SIGINT / SIGTERM."""
     from tqdm.auto import tqdm
 
     from fastrl.distributed.checkpoint import (
         checkpoint_path,
+        clean_debris,
         export_hf,
         latest_checkpoint,
+        list_checkpoints,
         load_checkpoint,
+        read_state,
         rotate_checkpoints,
         save_checkpoint,
     )
-    from fastrl.distributed.env import all_reduce_dict_mean, dist_info
+    from fastrl.distributed.env import all_reduce_dict_mean, barrier, dist_info
     from fastrl.distributed.fsdp import grad_norm_value
+    from fastrl.trainers.interrupt import StopGuard, TrainingInterrupted, _StopNow, stop_message
+    from fastrl.trainers.run_state import check_resume, prepare_output_dir
 
     is_main = dist_info().rank == 0
+    world_size = dist_info().world_size
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -237,8 +266,14 @@ def train(
 
     start = 0
     resume = train_cfg.resume_from_checkpoint
+    clean_debris(out)  # of saves killed outright (rank 0)
+    if not resume:
+        prepare_output_dir(out, train_cfg, existing=list_checkpoints(out), is_main=is_main)
+    barrier()
     ckpt = latest_checkpoint(out) if resume == "auto" else (resume or None)
     if ckpt is not None:
+        saved = read_state(ckpt)
+        check_resume(saved.get("run"), run, ckpt, step=int(saved["step"]), max_steps=train_cfg.max_steps)
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         start = int(state["step"])
         step.load_state_dict(state["trainer"])
@@ -253,7 +288,21 @@ def train(
         total=train_cfg.max_steps, initial=start, desc=desc, disable=not (train_cfg.progress_bar and is_main)
     )
     t0 = time.perf_counter()
-    for s in range(start, train_cfg.max_steps):
+
+    def save(n: int) -> Path:
+        path = save_checkpoint(
+            checkpoint_path(out, n),
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state={"step": n, "trainer": step.state_dict(), "run": run},
+            adapter_only=adapter_only,
+        )
+        if train_cfg.save_total_limit is not None:
+            rotate_checkpoints(out, train_cfg.save_total_limit)
+        return path
+
+    def optimizer_step(s: int) -> None:
         model.train()
         sums: dict[str, list[float]] = defaultdict(list)
         for k in range(ga):
@@ -272,30 +321,43 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        for key, vals in sums.items():
-            window[key].append(sum(vals) / len(vals))
+        for key, vals in sums.items():  # counts: the step's total; the rest: the micro-step mean
+            window[key].append(sum(vals) if key.startswith("num_") else sum(vals) / len(vals))
         window["grad_norm"].append(grad_norm_value(grad_norm))
         bar.update(1)
         bar.set_postfix({k: f"{window[k][-1]:.4g}" for k in ("loss", "reward") if k in window})
         if (s + 1) % train_cfg.logging_steps == 0 or s + 1 == train_cfg.max_steps:
             means = all_reduce_dict_mean({k: sum(v) / len(v) for k, v in window.items()})  # collective
-            record = {"step": s + 1, "lr": lr, **means}
-            record["elapsed_s"] = time.perf_counter() - t0
+            means = {k: v * world_size if k.startswith("num_") else v for k, v in means.items()}
+            record = {"step": s + 1, "lr": lr, **means, "elapsed_s": time.perf_counter() - t0}
             history.append(record)
             log.write(record)
             window.clear()
-        if train_cfg.save_steps and (s + 1) % train_cfg.save_steps == 0 and s + 1 < train_cfg.max_steps:
-            save_checkpoint(
-                checkpoint_path(out, s + 1),
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state={"step": s + 1, "trainer": step.state_dict()},
-                adapter_only=adapter_only,
-            )
-            if train_cfg.save_total_limit is not None:
-                rotate_checkpoints(out, train_cfg.save_total_limit)
-    bar.close()
+
+    done = start
+    try:
+        with StopGuard(desc, announce=is_main) as guard:
+            for s in range(start, train_cfg.max_steps):
+                optimizer_step(s)
+                done = s + 1
+                saved = None
+                if train_cfg.save_steps and done % train_cfg.save_steps == 0 and done < train_cfg.max_steps:
+                    saved = save(done)
+                signum = guard.requested()  # collective: every rank stops at the same step
+                if signum:
+                    if saved is None:  # the boundary is consistent: save it, as save_steps would
+                        saved = save(done)
+                    msg = stop_message(desc, signum, done, train_cfg.max_steps, saved, None, out)
+                    if is_main:
+                        print(msg, file=sys.stderr, flush=True)
+                    raise TrainingInterrupted(signum, done, str(saved), msg)
+    except _StopNow as stop:
+        msg = stop_message(desc, stop.signum, done, train_cfg.max_steps, None, latest_checkpoint(out), out)
+        if is_main:
+            print(msg, file=sys.stderr, flush=True)
+        raise TrainingInterrupted(stop.signum, done, None, msg) from None
+    finally:
+        bar.close()
     if train_cfg.export_final:  # collective under FSDP: every rank calls, rank 0 writes
         export_hf(model, tokenizer, out / "final")
     return {**(history[-1] if history else {}), "history": history}
@@ -303,6 +365,9 @@ def train(
 
 def train_run(step: TrainStep, cfg: RunConfig, *, model: torch.nn.Module, tokenizer, desc: str) -> dict:
     """``train`` with the sections of a run config (LoRA runs save and export only the adapter)."""
+    from fastrl.distributed.env import dist_info
+    from fastrl.trainers.run_state import run_identity
+
     return train(
         step,
         model=model,
@@ -311,4 +376,5 @@ def train_run(step: TrainStep, cfg: RunConfig, *, model: torch.nn.Module, tokeni
         optim_cfg=cfg.optim,
         adapter_only=cfg.lora.enabled,
         desc=desc,
+        run=run_identity(desc, cfg, model, dist_info().world_size),
     )

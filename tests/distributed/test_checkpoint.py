@@ -239,3 +239,62 @@ def test_round_trip_on_cuda_restores_cuda_rng(tmp_path, seed):
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v), k
     assert_same_optimizer(opt, opt2)
+
+
+def _tiny_linear(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(3, 2)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 4, 5])
+def test_rotation_keeps_the_newest_keep_checkpoints(tmp_path, seed, keep):
+    # Issue 9.1: with fewer than `keep` checkpoints the slice start went negative and kept only the newest.
+    model = _tiny_linear(seed)
+    for n in range(1, 11):
+        save_checkpoint(checkpoint_path(tmp_path, n), model=model, state={"step": n})
+        rotate_checkpoints(tmp_path, keep)
+        left = sorted(int(p.name.split("-")[1]) for p in tmp_path.iterdir())
+        assert left == list(range(max(1, n - keep + 1), n + 1)), (keep, n, left)
+
+
+def test_debris_of_killed_saves_is_cleaned(tmp_path, seed):
+    model = _tiny_linear(seed)
+    good = save_checkpoint(checkpoint_path(tmp_path, 2), model=model, state={"step": 2})
+    # A save killed (SIGKILL) while writing, one killed between the two renames of an overwrite (the
+    # `.old` is the only copy of checkpoint-4), and one whose new copy had already arrived.
+    save_checkpoint(tmp_path / ".checkpoint-4.old", model=model, state={"step": 4})
+    (tmp_path / ".checkpoint-7.tmp").mkdir()
+    (tmp_path / ".checkpoint-7.tmp" / ckpt.MODEL_FILE).write_bytes(b"half")
+    import shutil
+
+    shutil.copytree(good, tmp_path / ".checkpoint-2.old")
+    removed = ckpt.clean_debris(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint-2.old", ".checkpoint-7.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert ckpt.read_state(checkpoint_path(tmp_path, 4)) == {"step": 4}
+    # The next save cleans up too.
+    (tmp_path / ".checkpoint-9.tmp").mkdir()
+    save_checkpoint(checkpoint_path(tmp_path, 5), model=model, state={"step": 5})
+    assert not (tmp_path / ".checkpoint-9.tmp").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_checkpoint_with_its_marker_names_the_file(tmp_path, seed, damage):
+    model, opt, sched = make_run(seed)
+    train_step(model, opt, sched, batch(seed))
+    path = save_checkpoint(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, state={"step": 1})
+    meta = json.loads((path / ckpt.COMPLETE).read_text())
+    assert set(meta["files"]) == {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+                                  "rng_rank0.pt"}  # fmt: skip
+    victim = path / ckpt.OPTIMIZER_FILE
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        victim.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        victim.unlink()
+    want = {"truncate": "truncated", "flip": "CRC-32", "delete": "missing"}[damage]
+    model2, opt2, sched2 = make_run(seed + 1)
+    with pytest.raises(ValueError, match=f"optimizer.pt.*{want}|{want}.*optimizer.pt|optimizer.pt is {want}"):
+        load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
