@@ -6,6 +6,9 @@ A checkpoint is a directory (by convention ``<output_dir>/checkpoint-<step>``, s
     model.safetensors           full weights (or adapter_model.safetensors + adapter_config.json when
                                 adapter_only: only the PEFT adapter, in PEFT's own format)
     optimizer.pt, scheduler.pt  state dicts (optimizer keyed by parameter name), when given
+    dcp/                        instead of model.safetensors and optimizer.pt in the sharded format:
+                                each rank's shards of both (``__<rank>_0.distcp``) and DCP's
+                                ``.metadata``; loads at any world size (``_sharded.py``)
     trainer_state.json          the trainer's ``state`` (step, data position, ...; JSON)
     rng_rank<r>.pt              python / numpy / torch CPU / CUDA generator states of each rank
     COMPLETE                    written last; JSON with the format facts load needs and the size and
@@ -23,9 +26,11 @@ a ``.old`` whose new copy never arrived is moved back into place.
 (Overwriting a name in place, which the trainers never do, has one window between the two renames
 where the old copy sits under the hidden ``.old`` name.)
 
-Under FSDP2 every rank must call :func:`save_checkpoint` / :func:`load_checkpoint` (the full state dicts
-are gathered to rank 0, on the CPU, and broadcast back on load); rank 0 writes, each rank writes its own
-RNG file, and the directory must be on a file system all ranks share.
+Under FSDP2 every rank must call :func:`save_checkpoint` / :func:`load_checkpoint`. In the full format the
+state dicts are gathered to rank 0, on the CPU (a 7B model with AdamW: ~84 GB there), and broadcast back
+on load; in the sharded format every rank writes and reads only its own shards. Each rank writes its own
+RNG file, and the directory must be on a file system all ranks share. The format a checkpoint was
+written in is recorded in ``COMPLETE``: load reads either, whatever the current setting.
 """
 
 from __future__ import annotations
@@ -101,6 +106,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+FORMATS = ("full", "sharded")
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -109,56 +117,85 @@ def save_checkpoint(
     scheduler=None,
     state: dict,
     adapter_only: bool = False,
+    format: str = "full",
 ) -> Path:
     """Write a complete checkpoint to ``path`` atomically (see the module docstring); returns ``path``.
 
     ``state`` must be JSON-serialisable. ``adapter_only`` (PEFT models only) stores just the adapter
-    weights. Collective under a process group.
+    weights (always in the full format: an adapter is small). ``format``: ``"full"`` (weights gathered to
+    rank 0 into ``model.safetensors``, optimizer into ``optimizer.pt``) or ``"sharded"`` (every rank
+    writes its own shards with ``torch.distributed.checkpoint`` into ``dcp/``; see ``_sharded.py``).
+    Collective under a process group.
     """
     path = Path(path)
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict, got {type(state).__name__}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     try:
         state_json = json.dumps(state, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"state must be JSON-serialisable: {e}") from e
     if adapter_only and not sd.is_peft(model):
         raise ValueError("adapter_only=True needs a PEFT-wrapped model (peft.PeftModel)")
-
-    # Collectives first, on every rank; only rank 0 gets the tensors.
-    full = sd.full_model_state_dict(model)
-    optim_state = sd.full_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    sharded = format == "sharded" and not adapter_only
     rank, main = dist_info().rank, dist_info().is_main
-
     tmp = path.parent / f".{path.name}.tmp"
-    if main:
+
+    def fresh_tmp() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_debris(path.parent)  # of saves killed outright, any step
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
+        tmp.mkdir()
+
+    if sharded:
+        if main:
+            fresh_tmp()
+        barrier()  # the folder exists before any rank writes into it
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            clean_debris(path.parent)  # of saves killed outright, any step
-            shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
-            tmp.mkdir()
-            if adapter_only:
-                adapter, _ = sd.adapter_state_dict(model, full)
-                save_file(sd.untie_for_safetensors(adapter), tmp / ADAPTER_FILE, metadata={"format": "pt"})
-                model.peft_config[sd.active_adapter(model)].save_pretrained(str(tmp))
-            else:
-                save_file(sd.untie_for_safetensors(full), tmp / MODEL_FILE, metadata={"format": "pt"})
-            if optim_state is not None:
-                torch.save(optim_state, tmp / OPTIMIZER_FILE)
-            if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-            (tmp / STATE_FILE).write_text(state_json, encoding="utf-8")
+            from fastrl.distributed._sharded import save_sharded
+
+            save_sharded(tmp, model, optimizer)  # collective: each rank writes its shards
+            if main:
+                if scheduler is not None:
+                    torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+                (tmp / STATE_FILE).write_text(state_json, encoding="utf-8")
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        finally:
-            del full, optim_state
+    else:
+        # Collectives first, on every rank; only rank 0 gets the tensors.
+        full = sd.full_model_state_dict(model)
+        optim_state = sd.full_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+        if main:
+            try:
+                fresh_tmp()
+                if adapter_only:
+                    adapter, _ = sd.adapter_state_dict(model, full)
+                    save_file(
+                        sd.untie_for_safetensors(adapter), tmp / ADAPTER_FILE, metadata={"format": "pt"}
+                    )
+                    model.peft_config[sd.active_adapter(model)].save_pretrained(str(tmp))
+                else:
+                    save_file(sd.untie_for_safetensors(full), tmp / MODEL_FILE, metadata={"format": "pt"})
+                if optim_state is not None:
+                    torch.save(optim_state, tmp / OPTIMIZER_FILE)
+                if scheduler is not None:
+                    torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+                (tmp / STATE_FILE).write_text(state_json, encoding="utf-8")
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                del full, optim_state
     barrier()
     torch.save(_rng_state(), tmp / _rng_file(rank))
     barrier()
     if main:
         meta = {
             "format_version": FORMAT_VERSION,
+            "format": "sharded" if sharded else "full",
             "adapter_only": adapter_only,
             "world_size": dist_info().world_size,
             "has_optimizer": optimizer is not None,
@@ -253,6 +290,9 @@ def clean_debris(output_dir: str | os.PathLike) -> list[Path]:
 def _fsync_tree(directory: Path) -> None:
     """Flush every file in ``directory`` and the directory entry itself to stable storage."""
     for f in directory.iterdir():
+        if f.is_dir():
+            _fsync_tree(f)
+            continue
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -306,7 +346,12 @@ def load_checkpoint(
         raise ValueError(f"scheduler given but checkpoint {path} holds no scheduler state")
     main = dist_info().is_main
 
-    if meta["adapter_only"]:
+    if meta.get("format", "full") == "sharded":
+        from fastrl.distributed._sharded import load_sharded
+
+        load_sharded(path, model, optimizer)  # model and optimizer, resharded to this run's layout
+        optimizer = None  # done
+    elif meta["adapter_only"]:
         if not sd.is_peft(model):
             raise ValueError(f"checkpoint {path} holds only adapter weights; model must be PEFT-wrapped")
         # Start from the model's own full weights and overwrite the adapter entries, so the load is a
@@ -324,8 +369,9 @@ def load_checkpoint(
                 full[to_fqn[key]] = t
     else:
         full = load_file(path / MODEL_FILE) if main else {}
-    sd.load_full_model_state_dict(model, full)
-    del full
+    if meta.get("format", "full") == "full":
+        sd.load_full_model_state_dict(model, full)
+        del full
 
     if optimizer is not None:
         optim_state = torch.load(path / OPTIMIZER_FILE, weights_only=True) if main else {}

@@ -91,6 +91,14 @@ class TrainConfig:
     resume_from_checkpoint: str = field(
         default="", metadata={"help": "'' (fresh run), 'auto' (latest in output_dir, if any) or a path."}
     )
+    checkpoint_format: str = field(
+        default="auto",
+        metadata={
+            "help": "'full' (weights gathered into one model.safetensors), 'sharded' (each rank writes its "
+            "shards with torch.distributed.checkpoint; resumable at another world size) or 'auto' "
+            "(sharded under FSDP, full otherwise)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -115,6 +123,9 @@ class TrainConfig:
         for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_format not in ("auto", "full", "sharded"):
+            got = self.checkpoint_format
+            raise ValueError(f"train.checkpoint_format must be 'auto', 'full' or 'sharded', got {got!r}")
         if self.save_steps < 0:
             raise ValueError(f"train.save_steps must be >= 0, got {self.save_steps}")
 
@@ -289,6 +300,12 @@ def train(
     )
     t0 = time.perf_counter()
 
+    fmt = train_cfg.checkpoint_format
+    if fmt == "auto":
+        from fastrl.distributed.fsdp import is_fsdp
+
+        fmt = "sharded" if is_fsdp(model) else "full"
+
     def save(n: int) -> Path:
         path = save_checkpoint(
             checkpoint_path(out, n),
@@ -297,6 +314,7 @@ def train(
             scheduler=scheduler,
             state={"step": n, "trainer": step.state_dict(), "run": run},
             adapter_only=adapter_only,
+            format=fmt,
         )
         if train_cfg.save_total_limit is not None:
             rotate_checkpoints(out, train_cfg.save_total_limit)

@@ -47,6 +47,13 @@ def sft_config(model_dir: str, out, *, seed: int, per_device_batch_size: int):
     )
 
 
+def sft_dcp_config(model_dir: str, out, *, seed: int, per_device_batch_size: int):
+    """4 AdamW steps, a sharded checkpoint at step 2 (whatever the world size), final weights exported."""
+    cfg = sft_config(model_dir, out, seed=seed, per_device_batch_size=per_device_batch_size)
+    cfg.train.max_steps, cfg.train.save_steps, cfg.train.checkpoint_format = 4, 2, "sharded"
+    return cfg
+
+
 def dpo_rows() -> list[dict]:
     """Chosen: the right sum; rejected: a wrong one of varying length (pairs of unequal token counts)."""
     return [
@@ -148,6 +155,19 @@ def main() -> None:
     res = run_sft(cfg, model=model, tokenizer=tok, dataset=sft_rows())
     assert dist.is_initialized() and dist.get_backend() == "gloo" and is_fsdp(model)
     result["sft_history"], result["sft_weights"] = res["history"], full_model_state_dict(model)
+
+    # Sharded (DCP) checkpoints: an uninterrupted 4-step run saving at step 2, the same run resumed from
+    # that checkpoint on 2 ranks, and a run resumed from a checkpoint one process wrote (1 -> 2 ranks).
+    cfg = sft_dcp_config(a.model, out / "sft_dcp", seed=seed, per_device_batch_size=2)
+    res = run_sft(cfg, dataset=sft_rows())
+    model = None
+    result["sft_dcp_history"] = res["history"]
+    cfg = sft_dcp_config(a.model, out / "sft_dcp_resumed", seed=seed, per_device_batch_size=2)
+    cfg.train.resume_from_checkpoint = str(out / "sft_dcp" / "checkpoint-2")
+    result["sft_dcp_resumed_history"] = run_sft(cfg, dataset=sft_rows())["history"]
+    cfg = sft_dcp_config(a.model, out / "sft_dcp_from_1", seed=seed, per_device_batch_size=2)
+    cfg.train.resume_from_checkpoint = str(out / "sft_dcp_ws1" / "checkpoint-2")
+    result["sft_dcp_from_1_history"] = run_sft(cfg, dataset=sft_rows())["history"]
 
     from fastrl.trainers.dpo import run_dpo
 

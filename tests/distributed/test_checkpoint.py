@@ -298,3 +298,42 @@ def test_damaged_checkpoint_with_its_marker_names_the_file(tmp_path, seed, damag
     model2, opt2, sched2 = make_run(seed + 1)
     with pytest.raises(ValueError, match=f"optimizer.pt.*{want}|{want}.*optimizer.pt|optimizer.pt is {want}"):
         load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+
+
+def test_sharded_format_round_trip_and_crash(tmp_path, seed, monkeypatch):
+    """The DCP format at world size 1: exact resume, DCP files instead of model.safetensors, and a save
+    that dies inside DCP never becomes the latest checkpoint (the 2-rank and cross-world-size cases run
+    in test_dcp.py)."""
+    model, opt, sched = make_run(seed, tie=True)
+    for s in range(2):
+        train_step(model, opt, sched, batch(seed + s))
+    path = save_checkpoint(checkpoint_path(tmp_path, 2), model=model, optimizer=opt, scheduler=sched,
+                           state={"step": 2}, format="sharded")  # fmt: skip
+    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert names == ["COMPLETE", "dcp/.metadata", "dcp/__0_0.distcp", "rng_rank0.pt", "scheduler.pt",
+                     "trainer_state.json"]  # fmt: skip
+    assert json.loads((path / ckpt.COMPLETE).read_text())["format"] == "sharded"
+    after_save = draws()
+    next_loss = train_step(model, opt, sched, batch(seed + 2))
+    model2, opt2, sched2 = make_run(seed + 1, tie=True)
+    assert load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2) == {"step": 2}
+    assert draws() == after_save
+    assert train_step(model2, opt2, sched2, batch(seed + 2)) == next_loss
+    for (n1, p1), p2 in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p1, p2), n1
+    assert_same_optimizer(opt, opt2)
+    assert model2.lm_head.weight is model2.model.embed_tokens.weight
+
+    import torch.distributed.checkpoint as dcp
+
+    def dying_save(*args, **kwargs):
+        raise OSError("killed inside dcp.save (simulated)")
+
+    monkeypatch.setattr(dcp, "save", dying_save)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(checkpoint_path(tmp_path, 3), model=model, optimizer=opt, state={"step": 3},
+                        format="sharded")  # fmt: skip
+    assert latest_checkpoint(tmp_path) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    with pytest.raises(ValueError, match="format must be one of"):
+        save_checkpoint(tmp_path / "x", model=model, state={}, format="zip")
