@@ -171,16 +171,29 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<", pad_token=">", eos_token=">")
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_export_hf_loads_back_with_same_logits(tmp_path, seed, lora):
+@pytest.mark.parametrize(("lora", "shard_bytes", "tie"), [(False, None, False), (True, None, False),
+                                                          (True, 20_000, True)])  # fmt: skip
+def test_export_hf_loads_back_with_same_logits(tmp_path, seed, lora, shard_bytes, tie):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, opt, sched = make_run(seed, lora=lora)
+    model, opt, sched = make_run(seed, lora=lora, tie=tie)
     train_step(model, opt, sched, batch(seed))
     ids = batch(seed + 1)
     with torch.no_grad():
         want = model(ids).logits
-    out = export_hf(model, char_tokenizer(), tmp_path / "export")
+    kw = {"max_shard_bytes": shard_bytes} if shard_bytes else {}
+    out = export_hf(model, char_tokenizer(), tmp_path / "export", **kw)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    if shard_bytes:  # streamed into several files of at most shard_bytes (or one tensor) and an index
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(files) > 3 and set(index["weight_map"].values()) == set(files)
+        assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        assert "lm_head.weight" not in index["weight_map"]  # tied: written once
+        sizes = [(out / f).stat().st_size for f in files]
+        biggest = max(p.numel() * 4 for p in model.parameters())
+        assert max(sizes) < max(shard_bytes, biggest) + 4096, sizes
+    else:
+        assert files == ["model.safetensors"]
     loaded = AutoModelForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
         got = loaded(ids).logits
