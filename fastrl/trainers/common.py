@@ -73,7 +73,8 @@ def setup_policy(
         tokenizer = tokenizer or loaded_tok
     elif tokenizer is None:
         raise ValueError("tokenizer must be given together with an in-memory model")
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):  # meta parameters are materialised after sharding
+        model.to(device)
     from fastrl.models.heads import peft_model
 
     if peft_model(model) is None:
@@ -124,12 +125,51 @@ def setup_run(
     from fastrl.trainers.run_state import preflight
 
     preflight(cfg.train)  # output folder and resume checks, before anything loads
+    meta = model is None and fsdp and _meta_init_applies(cfg)
+    if meta:  # parameters on the meta device; each rank loads its own shards once they are sharded
+        from fastrl.distributed.meta_init import build_on_meta
+        from fastrl.models.loading import load_tokenizer
+
+        model, tokenizer = build_on_meta(cfg.model), tokenizer or load_tokenizer(cfg.model)
+        if model.generation_config is not None and model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
     model, tokenizer, ref = setup_policy(
         cfg.model, cfg.lora, device, need_reference=need_reference, model=model, tokenizer=tokenizer
     )
     policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
+    if meta:
+        _load_shards(model, ref, cfg, device)
     dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     return model, tokenizer, ref, policy, dataset
+
+
+def _meta_init_applies(cfg) -> bool:
+    """``train.fsdp_meta_init`` for a full fine-tune of a local safetensors model (LoRA runs and Hub
+    names load the ordinary way: a LoRA adapter's random init would differ from the unsharded run's)."""
+    from pathlib import Path
+
+    from fastrl.distributed.meta_init import weight_files
+
+    if not cfg.train.fsdp_meta_init or cfg.lora.enabled or cfg.model.gradient_checkpointing:
+        return False
+    return Path(cfg.model.name_or_path).is_dir() and weight_files(cfg.model.name_or_path) is not None
+
+
+def _load_shards(model, ref: Reference, cfg, device: torch.device) -> None:
+    from fastrl.distributed.env import dist_info
+    from fastrl.distributed.meta_init import materialize_and_load
+
+    report = materialize_and_load(model, cfg.model.name_or_path, device)
+    if ref.frozen is not None:
+        materialize_and_load(ref.frozen.model, cfg.model.name_or_path, device)
+    info = dist_info()
+    if info.is_main:
+        mib = 2**20
+        print(
+            f"meta-device load: rank 0 holds {report.local_bytes / mib:.1f} MiB of the model's "
+            f"{report.model_bytes / mib:.1f} MiB (world size {info.world_size}), peak "
+            f"{report.peak_bytes / mib:.1f} MiB with the largest slice in flight"
+        )
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -109,6 +109,13 @@ class TrainConfig:
     fsdp: bool | None = field(
         default=None, metadata={"help": "Shard the policy with FSDP2 (None: on when WORLD_SIZE > 1)."}
     )
+    fsdp_meta_init: bool = field(
+        default=True,
+        metadata={
+            "help": "Under FSDP, build the model on the meta device and load each rank's shards straight "
+            "from the safetensors files (full fine-tunes of a local model; no rank holds the full model)."
+        },
+    )
     activation_checkpointing: str = field(
         default="none",
         metadata={"help": "Recompute decoder layers in backward: 'none', 'selective' (every 2nd) or 'full'."},

@@ -169,6 +169,17 @@ def main() -> None:
     cfg.train.resume_from_checkpoint = str(out / "sft_dcp_ws1" / "checkpoint-2")
     result["sft_dcp_from_1_history"] = run_sft(cfg, dataset=sft_rows())["history"]
 
+    # Meta-device init: what each rank holds after loading its shards, and the weights it loaded.
+    from fastrl.distributed.fsdp import apply_fsdp
+    from fastrl.distributed.meta_init import build_on_meta, materialize_and_load
+
+    model = build_on_meta(ModelConfig(name_or_path=a.model))
+    apply_fsdp(model)
+    report = materialize_and_load(model, a.model, torch.device("cpu"))
+    reports = [None] * dist_info().world_size
+    dist.all_gather_object(reports, report)
+    result["meta_reports"], result["meta_weights"] = reports, full_model_state_dict(model)
+
     from fastrl.trainers.dpo import run_dpo
 
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))

@@ -66,6 +66,7 @@ def run(tmp_path_factory):
                    "--model", str(out / "model"), "--seed", str(seed)]  # fmt: skip
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, f"seed={seed}\n{proc.stdout[-2000:]}\n{proc.stderr[-8000:]}"
+            (out / "stdout.txt").write_text(proc.stdout)
     seed = int((out / "seed").read_text())
     print(f"trainer fsdp seed={seed}")
     return seed, str(out / "model"), torch.load(out / "result.pt", weights_only=False), out
@@ -210,6 +211,30 @@ def test_sharded_checkpoints_resume_at_any_world_size(run, tmp_path):
     ckpt = out / "sft_dcp" / "checkpoint-2"
     assert not (ckpt / "model.safetensors").exists() and (ckpt / "dcp" / "__1_0.distcp").exists()
     assert load_checkpoint(ckpt, model=AutoModelForCausalLM.from_pretrained(model_dir))["step"] == 2
+
+
+def test_meta_device_init_loads_only_each_ranks_shards(run):
+    """Each rank materialises only its shards: ~model / world size, plus one slice in flight; the
+    gathered weights are the file's exactly. (The trainers' runs above built their models this way.)"""
+    from safetensors.torch import load_file
+
+    _, model_dir, result, out = run
+    # The trainers' runs that load by name (SFT with DCP checkpoints, GRPO) built their models on meta.
+    assert "meta-device load: rank 0 holds 0.2 MiB of the model's 0.4 MiB" in (out / "stdout.txt").read_text()
+    reports = result["meta_reports"]
+    model_bytes = reports[0].model_bytes
+    for rank, r in enumerate(reports):
+        print(f"rank {rank}: holds {r.local_bytes} B after load (peak {r.peak_bytes} B with the largest "
+              f"slice in flight) of the model's {model_bytes} B")  # fmt: skip
+        assert r.model_bytes == model_bytes
+        assert r.local_bytes <= model_bytes / 2 + 4 * 64 * 4  # dim-0 chunks: at most a row per tensor more
+        assert r.peak_bytes < 0.6 * model_bytes
+    assert sum(r.local_bytes for r in reports) == model_bytes
+    want = load_file(f"{model_dir}/model.safetensors")
+    got = result["meta_weights"]
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 @pytest.mark.parametrize("lengths", [None, "random"])
