@@ -109,6 +109,34 @@ class TrainConfig:
     fsdp: bool | None = field(
         default=None, metadata={"help": "Shard the policy with FSDP2 (None: on when WORLD_SIZE > 1)."}
     )
+    fsdp_param_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "FSDP MixedPrecisionPolicy: dtype the gathered parameters compute in ('auto': bfloat16 "
+            "on CUDA with train.bf16, the stored dtype otherwise; 'float32', 'bfloat16', 'float16')."
+        },
+    )
+    fsdp_reduce_dtype: str = field(
+        default="float32", metadata={"help": "FSDP gradient reduce-scatter dtype ('float32', 'bfloat16')."}
+    )
+    fsdp_reshard_after_forward: bool = field(
+        default=True,
+        metadata={"help": "Free each gathered layer after its forward (ZeRO-3); False keeps it (ZeRO-2)."},
+    )
+    fsdp_cpu_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "FSDP CPUOffloadPolicy: sharded parameters, gradients and optimizer state in pinned CPU "
+            "memory (unpinned, with a warning, where pinned memory is unavailable)."
+        },
+    )
+    fsdp_replicate: int = field(
+        default=1,
+        metadata={
+            "help": "HSDP: replicate groups on a 2-D mesh (replicate x shard), e.g. the number of nodes; "
+            "must divide WORLD_SIZE (1: plain FSDP over all ranks)."
+        },
+    )
     fsdp_meta_init: bool = field(
         default=True,
         metadata={
@@ -118,18 +146,40 @@ class TrainConfig:
     )
     activation_checkpointing: str = field(
         default="none",
-        metadata={"help": "Recompute decoder layers in backward: 'none', 'selective' (every 2nd) or 'full'."},
+        metadata={
+            "help": "Recompute activations in backward: 'none', 'full' (every decoder layer), "
+            "'selective:<k>' (every k-th layer; 'selective' = k 2) or 'op' (save matmul and attention "
+            "outputs except every 2nd matmul, recompute the rest)."
+        },
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Move the decoder layers' saved activations to pinned CPU memory on a side stream "
+            "(CUDA) and back for the backward."
+        },
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer (after checkpointing, before FSDP)."},
     )
 
     def __post_init__(self):
-        from fastrl.distributed.activation_checkpoint import AC_MODES
+        from fastrl.distributed.activation_checkpoint import parse_ac_mode
 
-        if self.activation_checkpointing not in AC_MODES:
-            got = self.activation_checkpointing
-            raise ValueError(f"train.activation_checkpointing must be one of {AC_MODES}, got {got!r}")
+        try:
+            parse_ac_mode(self.activation_checkpointing)
+        except ValueError as e:
+            raise ValueError(f"train.activation_checkpointing: {e}") from None
         for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            allowed = ("float32", "bfloat16", "float16") + (("auto",) if name == "fsdp_param_dtype" else ())
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.fsdp_replicate, int) or self.fsdp_replicate < 1:
+            raise ValueError(f"train.fsdp_replicate must be an integer >= 1, got {self.fsdp_replicate!r}")
         if self.checkpoint_format not in ("auto", "full", "sharded"):
             got = self.checkpoint_format
             raise ValueError(f"train.checkpoint_format must be 'auto', 'full' or 'sharded', got {got!r}")

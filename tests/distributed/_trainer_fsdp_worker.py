@@ -169,6 +169,24 @@ def main() -> None:
     cfg.train.resume_from_checkpoint = str(out / "sft_dcp_ws1" / "checkpoint-2")
     result["sft_dcp_from_1_history"] = run_sft(cfg, dataset=sft_rows())["history"]
 
+    # FSDP options: HSDP on a 2-D mesh (2 replicas x 1 shard), and CPU offload (unpinned on the CPU,
+    # with a warning) without resharding after forward; both must train as the plain run does.
+    cfg = sft_config(a.model, out / "sft_hsdp", seed=seed, per_device_batch_size=2)
+    cfg.train.fsdp_replicate, cfg.train.export_final = 2, False
+    result["sft_hsdp_history"] = run_sft(cfg, dataset=sft_rows())["history"]
+    cfg = sft_config(a.model, out / "sft_offload", seed=seed, per_device_batch_size=2)
+    cfg.train.fsdp_cpu_offload, cfg.train.export_final, cfg.train.fsdp_reshard_after_forward = (
+        True,
+        False,
+        False,
+    )
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result["sft_offload_history"] = run_sft(cfg, dataset=sft_rows())["history"]
+    result["offload_warnings"] = [str(w.message) for w in caught if "pinned memory" in str(w.message)]
+
     # Meta-device init: what each rank holds after loading its shards, and the weights it loaded.
     from fastrl.distributed.fsdp import apply_fsdp
     from fastrl.distributed.meta_init import build_on_meta, materialize_and_load

@@ -102,6 +102,47 @@ def test_sft_on_two_ranks_matches_one_process(run, tmp_path):
     _assert_same_run(result["sft_history"], result["sft_weights"], want["history"], model)
 
 
+@pytest.mark.parametrize("variant", ["hsdp", "offload"])
+def test_fsdp_options_train_as_the_plain_run(run, tmp_path, variant):
+    """train.fsdp_replicate=2 (HSDP, 2-D mesh) and train.fsdp_cpu_offload (unpinned here, warned) on 2 ranks
+    against one process on the whole batch."""
+    from fastrl.trainers.sft import run_sft
+
+    seed, model_dir, result, _ = run
+    cfg = sft_config(model_dir, tmp_path, seed=seed, per_device_batch_size=4)
+    cfg.train.export_final = False
+    want, _ = _single_process(run_sft, cfg, sft_rows())
+    got = result[f"sft_{variant}_history"]
+    assert [r["step"] for r in got] == [r["step"] for r in want["history"]]
+    for g, w in zip(got, want["history"]):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), g["step"]
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), g["step"]
+    if variant == "offload":
+        assert result["offload_warnings"] and "unpinned" in result["offload_warnings"][0]
+
+
+def test_fsdp_option_validation():
+    from fastrl.distributed.fsdp import build_mesh, offload_policy
+    from fastrl.trainers.common import fsdp_options
+    from fastrl.trainers.core import TrainConfig
+
+    with pytest.raises(ValueError, match="fsdp_replicate must be a positive divisor of the world size 4"):
+        build_mesh("cpu", 4, 3)
+    for bad in ({"fsdp_param_dtype": "fp8"}, {"fsdp_reduce_dtype": "auto"}, {"fsdp_replicate": 0}):
+        with pytest.raises(ValueError, match=f"train.{next(iter(bad))}"):
+            TrainConfig(**bad)
+    assert fsdp_options(TrainConfig(), torch.device("cpu"))["param_dtype"] is None
+    opts = fsdp_options(TrainConfig(), torch.device("cuda"))
+    assert opts["param_dtype"] == torch.bfloat16 and opts["reduce_dtype"] == torch.float32
+    assert fsdp_options(TrainConfig(bf16=False), torch.device("cuda"))["param_dtype"] is None
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    assert not isinstance(offload_policy(False), CPUOffloadPolicy)
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="pinned memory is unavailable"):
+            assert offload_policy(True).pin_memory is False
+
+
 def test_dpo_on_two_ranks_matches_one_process(run, tmp_path):
     from fastrl.trainers.dpo import run_dpo
 
