@@ -180,3 +180,19 @@ def test_parallelize_applies_checkpointing_then_compile_then_fsdp(seed, monkeypa
     assert [o[0] for o in order] == ["compile", "compile", "fsdp"]
     assert all(issubclass(t, CheckpointWrapper) for _, t in order[:2])  # compiled: the checkpointed layer
     assert order[2][1] == {"reshard_after_forward": False} and policy.model is model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["none", "op"])
+def test_offloading_on_cuda_moves_activations_to_pinned_memory_with_same_gradients(seed, mode):
+    from fastrl.distributed.offload import apply_activation_offloading
+
+    plain = tiny_model("qwen2", seed=seed, layers=2).cuda()
+    wrapped = copy.deepcopy(plain)
+    apply_ac(wrapped, mode)
+    contexts = apply_activation_offloading(wrapped)
+    ids = batch(seed, b=2, t=33).cuda()
+    want, got = _grads(plain, ids), _grads(wrapped, ids)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k)
+    assert all(c.offloaded_bytes > 0 and c.pin for c in contexts)
