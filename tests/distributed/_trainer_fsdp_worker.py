@@ -230,6 +230,14 @@ def main() -> None:
     res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[spread_reward],
                    engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
     result["grpo_exact_history"], result["grpo_exact_weights"] = res["history"], full_model_state_dict(model)
+    # The other normalisers: bnpo (a global token mean, passed by the trainer) and grpo (sequence means).
+    for loss_type in ("bnpo", "grpo"):
+        model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
+        cfg = grpo_config(a.model, out / f"grpo_{loss_type}", seed=seed)
+        cfg.loss.loss_type, cfg.train.save_steps, cfg.train.export_final = loss_type, 0, False
+        res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[spread_reward],
+                       engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
+        result[f"grpo_{loss_type}"] = (res["history"], full_model_state_dict(model))
     if dist_info().rank == 0:
         torch.save(result, out / "result.pt")
     dist.barrier()

@@ -178,6 +178,25 @@ def test_grpo_on_two_ranks_matches_one_process(run, tmp_path):
     _assert_same_run(got, result["grpo_exact_weights"], want["history"], model)
 
 
+@pytest.mark.parametrize("loss_type", ["bnpo", "grpo"])
+def test_grpo_normalisers_on_two_ranks_match_one_process(run, tmp_path, loss_type):
+    """bnpo's token mean and grpo's sequence mean over the global micro-batch at world size 2."""
+    from fastrl.trainers.grpo import run_grpo
+
+    seed, model_dir, result, _ = run
+    cfg = grpo_config(model_dir, tmp_path, seed=seed, per_device_batch_size=8)
+    cfg.loss.loss_type, cfg.train.export_final, cfg.train.save_steps = loss_type, False, 0
+    want, model = _single_process(run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
+    got, weights = result[f"grpo_{loss_type}"]
+    assert [r["step"] for r in got] == [1, 2]
+    for g, w in zip(got, want["history"]):
+        # on-policy at the first step the loss is ~0 (advantages sum to 0): an absolute floor of fp32 noise
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6), g["step"]
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), g["step"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_grpo_on_two_ranks_checkpoint_and_export_load(run):
     from transformers import AutoModelForCausalLM
 
