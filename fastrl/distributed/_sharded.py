@@ -13,6 +13,7 @@ tensors to load into.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,14 +37,19 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
 
 def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Write ``model`` (and ``optimizer``) into ``directory / dcp``. Collective: every rank calls."""
-    dcp.save(_state(model, optimizer), checkpoint_id=str(directory / DCP_DIR), no_dist=not is_distributed())
+    state = _state(model, optimizer)
+    with warnings.catch_warnings():  # one process: DCP says it assumes so, which is what no_dist asks
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not is_distributed())
 
 
 def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load ``directory / dcp`` into ``model`` (and ``optimizer``), resharding to the current layout.
     Collective. Tuple hyper-parameters (Adam's betas) keep their type."""
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not is_distributed())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not is_distributed())
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

@@ -192,6 +192,7 @@ def save_checkpoint(
     barrier()
     torch.save(_rng_state(), tmp / _rng_file(rank))
     barrier()
+    files = _file_table(tmp)  # collective: each rank checksums its share of the files
     if main:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -200,9 +201,9 @@ def save_checkpoint(
             "world_size": dist_info().world_size,
             "has_optimizer": optimizer is not None,
             "has_scheduler": scheduler is not None,
+            "files": files,
         }
         _fsync_tree(tmp)  # the data must be on disk before the marker can claim it is
-        meta["files"] = _file_table(tmp)
         (tmp / COMPLETE).write_text(json.dumps(meta), encoding="utf-8")
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
@@ -218,27 +219,51 @@ def _crc32(path: Path) -> int:
     return crc
 
 
+def _shared_list(items: list) -> list:
+    """Rank 0's ``items`` on every rank (a no-op without a process group)."""
+    if not is_distributed():
+        return items
+    box = [items]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gathered(value) -> list:
+    """Every rank's ``value``, in rank order (``[value]`` without a process group)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * dist_info().world_size
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
 def _file_table(directory: Path) -> dict[str, list[int]]:
-    """``{relative path: [size in bytes, CRC-32]}`` of every file under ``directory``."""
-    return {
-        f.relative_to(directory).as_posix(): [f.stat().st_size, _crc32(f)]
-        for f in sorted(directory.rglob("*"))
-        if f.is_file() and f.name != COMPLETE
+    """``{relative path: [size in bytes, CRC-32]}`` of every file under ``directory`` (but ``COMPLETE``).
+    Collective under a process group: rank ``r`` reads files ``r, r + world, ...`` of rank 0's listing,
+    so a sharded checkpoint is checksummed in parallel, not by rank 0 reading every shard."""
+    names = _shared_list(
+        sorted(
+            f.relative_to(directory).as_posix()
+            for f in directory.rglob("*")
+            if f.is_file() and f.name != COMPLETE
+        )
+        if dist_info().is_main
+        else []
+    )
+    info = dist_info()
+    mine = {
+        n: [(directory / n).stat().st_size, _crc32(directory / n)]
+        for n in names[info.rank :: info.world_size]
     }
+    table: dict[str, list[int]] = {}
+    for part in _gathered(mine):
+        table.update(part)
+    return {n: table[n] for n in names}
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """The ``COMPLETE`` metadata of ``path``, after checking every file it lists against its recorded
-    size and CRC-32; ``ValueError`` naming the first file that is missing, truncated or damaged.
-    Checkpoints of format 1 (no file table) pass unchecked."""
-    path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"path must be a complete checkpoint (with a {COMPLETE} marker), got {path}")
-    try:
-        meta = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path}: its {COMPLETE} marker is not valid JSON ({e})") from e
-    for rel, (size, crc) in meta.get("files", {}).items():
+def _check_files(path: Path, meta: dict, rank: int, world: int) -> None:
+    """Sizes of every listed file, CRC-32s of this rank's share (files ``rank, rank + world, ...``)."""
+    for i, (rel, (size, crc)) in enumerate(sorted(meta.get("files", {}).items())):
         f = path / rel
         if not f.is_file():
             raise ValueError(f"checkpoint {path} is damaged: {f} is missing")
@@ -248,11 +273,38 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
                 f"checkpoint {path} is damaged: {f} has {got} bytes, {COMPLETE} recorded {size} "
                 "(truncated or overwritten); resume from an earlier checkpoint"
             )
-        if _crc32(f) != crc:
+        if i % world == rank and _crc32(f) != crc:
             raise ValueError(
                 f"checkpoint {path} is damaged: {f} fails its CRC-32 check (contents changed after "
                 "the save); resume from an earlier checkpoint"
             )
+
+
+def _read_meta(path: Path) -> dict:
+    if not is_complete(path):
+        raise ValueError(f"path must be a complete checkpoint (with a {COMPLETE} marker), got {path}")
+    try:
+        return json.loads((path / COMPLETE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: its {COMPLETE} marker is not valid JSON ({e})") from e
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """The ``COMPLETE`` metadata of ``path``, after checking every file it lists against its recorded
+    size and CRC-32; ``ValueError`` naming the first file that is missing, truncated or damaged.
+    Collective under a process group (each rank checksums a share of the files; every rank raises the
+    same error). Checkpoints of format 1 (no file table) pass unchecked."""
+    path = Path(path)
+    info = dist_info()
+    meta, error = None, None
+    try:
+        meta = _read_meta(path)
+        _check_files(path, meta, info.rank, info.world_size)
+    except ValueError as e:
+        error = str(e)
+    errors = [e for e in _gathered(error) if e is not None]
+    if errors:
+        raise ValueError(errors[0])
     return meta
 
 
@@ -328,18 +380,7 @@ def load_checkpoint(
     a process group; ``model`` must be wrapped (FSDP, AC, PEFT) as it is for training.
     """
     path = Path(path)
-    meta, error = None, None
-    if dist_info().is_main:
-        try:
-            meta = verify_checkpoint(path)
-        except ValueError as e:
-            error = str(e)
-    if is_distributed():  # rank 0 checked the files; the others take its verdict with the metadata
-        box = [meta, error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        meta, error = box
-    if error is not None:
-        raise ValueError(error)
+    meta = verify_checkpoint(path)  # collective: the ranks share the checksumming
     if optimizer is not None and not meta["has_optimizer"]:
         raise ValueError(f"optimizer given but checkpoint {path} holds no optimizer state")
     if scheduler is not None and not meta["has_scheduler"]:
