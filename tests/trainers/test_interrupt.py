@@ -104,8 +104,10 @@ def _wait_for_step(proc, metrics: Path, after: int, timeout: float = 120) -> Non
     raise AssertionError("no step within the timeout")
 
 
-def test_cli_run_stopped_by_sigint_then_sigterm(tiny_dir, tmp_path):
-    """As a user sees it: `fastrl sft` in a subprocess, Ctrl-C, then the resumed run SIGTERMed."""
+def test_cli_run_stopped_by_ctrl_c(tiny_dir, tmp_path):
+    """As a user sees it: `fastrl sft` in a subprocess, Ctrl-C (SIGINT) once it trains: exit status 130,
+    one last line naming the step and the checkpoint, no traceback. (SIGTERM -> 143, the second signal
+    and the exact resume are tested in this process above: each launch costs seconds.)"""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows()))
     out = tmp_path / "run"
@@ -115,24 +117,20 @@ def test_cli_run_stopped_by_sigint_then_sigterm(tiny_dir, tmp_path):
            "--train.progress_bar", "false", "--train.export_final", "false"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    stopped = []
-    for signum, extra in ((signal.SIGINT, []), (signal.SIGTERM, ["--train.resume_from_checkpoint", "auto"])):
-        pipe = subprocess.PIPE
-        proc = subprocess.Popen(cmd + extra, cwd=tmp_path, env=env, stdout=pipe, stderr=pipe, text=True)
-        try:
-            _wait_for_step(proc, out / "metrics.jsonl", after=stopped[-1] if stopped else 0)
-            proc.send_signal(signum)
-            _, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode == 128 + signum, err
-        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-        last = err.strip().splitlines()[-1]
-        name = signal.Signals(signum).name
-        assert last.startswith(f"fastrl sft: stopped by {name} at step "), err
-        step = int(last.split(" at step ")[1].split()[0])
-        assert f"saved {checkpoint_path(out, step)}" in last and is_complete(checkpoint_path(out, step))
-        stopped.append(step)
-    assert stopped[1] > stopped[0] >= 1
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=pipe, stderr=pipe, text=True)
+    try:
+        _wait_for_step(proc, out / "metrics.jsonl", after=0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fastrl sft: stopped by SIGINT at step "), err
+    step = int(last.split(" at step ")[1].split()[0])
+    assert step >= 1 and f"saved {checkpoint_path(out, step)}" in last
+    assert is_complete(checkpoint_path(out, step)) and list_checkpoints(out) == [checkpoint_path(out, step)]
