@@ -173,6 +173,7 @@ def main() -> None:
     # with a warning) without resharding after forward; both must train as the plain run does.
     cfg = sft_config(a.model, out / "sft_hsdp", seed=seed, per_device_batch_size=2)
     cfg.train.fsdp_replicate, cfg.train.export_final = 2, False
+    cfg.train.activation_checkpointing = "op"  # op-level selective AC under FSDP2 changes no number either
     result["sft_hsdp_history"] = run_sft(cfg, dataset=sft_rows())["history"]
     cfg = sft_config(a.model, out / "sft_offload", seed=seed, per_device_batch_size=2)
     cfg.train.fsdp_cpu_offload, cfg.train.export_final, cfg.train.fsdp_reshard_after_forward = (

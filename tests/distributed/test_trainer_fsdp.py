@@ -104,8 +104,8 @@ def test_sft_on_two_ranks_matches_one_process(run, tmp_path):
 
 @pytest.mark.parametrize("variant", ["hsdp", "offload"])
 def test_fsdp_options_train_as_the_plain_run(run, tmp_path, variant):
-    """train.fsdp_replicate=2 (HSDP, 2-D mesh) and train.fsdp_cpu_offload (unpinned here, warned) on 2 ranks
-    against one process on the whole batch."""
+    """train.fsdp_replicate=2 (HSDP, 2-D mesh, with op-level AC) and train.fsdp_cpu_offload (unpinned here,
+    warned) on 2 ranks against one process on the whole batch."""
     from fastrl.trainers.sft import run_sft
 
     seed, model_dir, result, _ = run
