@@ -14,14 +14,63 @@ reads the lm_head weight directly (see ``fastrl/models/policy.py``).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from fastrl.distributed._layers import decoder_layers
 from fastrl.distributed.env import dist_info
+
+
+def build_mesh(device_type: str, world_size: int, replicate: int = 1) -> DeviceMesh:
+    """The mesh FSDP shards over: 1-D over all ranks, or with ``replicate > 1`` HSDP's 2-D mesh
+    ``(replicate, world_size / replicate)`` named ``("replicate", "shard")``: parameters are sharded
+    within each group of ``world_size / replicate`` ranks (one node, say) and replicated across groups,
+    so the all-gathers stay inside a group and only the gradient all-reduce crosses groups."""
+    if not isinstance(replicate, int) or replicate < 1 or world_size % replicate:
+        raise ValueError(
+            f"fsdp_replicate must be a positive divisor of the world size {world_size}, got {replicate!r}"
+        )
+    if replicate == 1:
+        return init_device_mesh(device_type, (world_size,))
+    return init_device_mesh(
+        device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def pinned_memory_available() -> bool:
+    """Whether page-locked host memory can be allocated (it needs a CUDA driver)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.empty(1).pin_memory()
+    except RuntimeError:
+        return False
+    return True
+
+
+def offload_policy(cpu_offload: bool) -> OffloadPolicy:
+    """``CPUOffloadPolicy`` (pinned) when asked for; unpinned, with a warning, where pinned memory is
+    unavailable (host-to-device copies are then synchronous and slower); no offload otherwise."""
+    if not cpu_offload:
+        return OffloadPolicy()
+    if pinned_memory_available():
+        return CPUOffloadPolicy(pin_memory=True)
+    warnings.warn(
+        "train.fsdp_cpu_offload: pinned memory is unavailable here (no CUDA); offloading to unpinned CPU "
+        "memory instead",
+        stacklevel=2,
+    )
+    return CPUOffloadPolicy(pin_memory=False)
 
 
 def default_mesh() -> DeviceMesh:
@@ -68,6 +117,7 @@ def apply_fsdp_policy(
     reduce_dtype: torch.dtype | None = torch.float32,
     reshard_after_forward: bool = True,
     root_reshard_after_forward: bool = False,
+    offload: OffloadPolicy | None = None,
 ) -> nn.Module:
     """``fully_shard`` each decoder layer of ``policy.model``, then ``policy`` itself as the root.
 
@@ -75,7 +125,8 @@ def apply_fsdp_policy(
     parameters (embeddings, final norm, lm_head) gathered from its forward to the end of the backward
     unless ``root_reshard_after_forward`` (use it for a model that only runs without gradients, such as a
     frozen reference, whose root would otherwise stay gathered). Inputs are never cast to
-    ``param_dtype``: a batch carries fp32 advantages and log-probs. Returns ``policy``.
+    ``param_dtype``: a batch carries fp32 advantages and log-probs. ``offload``: an FSDP offload policy
+    (:func:`offload_policy`). Returns ``policy``.
     """
     from fastrl.models.policy import Policy
 
@@ -88,9 +139,10 @@ def apply_fsdp_policy(
             raise ValueError(f"{name} must be a floating torch.dtype or None, got {dtype!r}")
     mesh = default_mesh() if mesh is None else mesh
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    kw = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload or OffloadPolicy()}
     for layer in decoder_layers(policy.model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(policy, mesh=mesh, mp_policy=mp, reshard_after_forward=root_reshard_after_forward)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(policy, reshard_after_forward=root_reshard_after_forward, **kw)
     return policy
 
 

@@ -73,7 +73,8 @@ def setup_policy(
         tokenizer = tokenizer or loaded_tok
     elif tokenizer is None:
         raise ValueError("tokenizer must be given together with an in-memory model")
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):  # meta parameters are materialised after sharding
+        model.to(device)
     from fastrl.models.heads import peft_model
 
     if peft_model(model) is None:
@@ -84,24 +85,49 @@ def setup_policy(
     return model, tokenizer, Reference(model, lora=lora_cfg.enabled, needed=need_reference)
 
 
+def fsdp_options(train_cfg, device: torch.device) -> dict:
+    """``apply_fsdp_policy``'s options from the ``train.fsdp_*`` fields."""
+    from fastrl.distributed.fsdp import offload_policy
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    param = train_cfg.fsdp_param_dtype
+    if param == "auto":
+        param = "bfloat16" if device.type == "cuda" and train_cfg.bf16 else None
+    return {
+        "param_dtype": dtypes[param] if param else None,
+        "reduce_dtype": dtypes[train_cfg.fsdp_reduce_dtype],
+        "reshard_after_forward": train_cfg.fsdp_reshard_after_forward,
+        "offload": offload_policy(train_cfg.fsdp_cpu_offload),
+    }
+
+
 def parallelize(model, ref: Reference, train_cfg, device: torch.device, *, fsdp: bool) -> Policy:
-    """The ``Policy`` the trainer runs: ``train.activation_checkpointing`` applied to ``model``, then, with
-    ``fsdp``, FSDP2 over all ranks (each decoder layer, then the wrapper as the root). A frozen reference
-    is sharded the same way (regathered per forward: it never runs a backward)."""
-    from fastrl.distributed.activation_checkpoint import apply_ac
+    """The ``Policy`` the trainer runs, built in this order (``fastrl.distributed.parallel.parallelize``):
+    ``train.activation_checkpointing`` (and activation offloading) applied to ``model``'s decoder
+    layers, then, with ``fsdp``, FSDP2 over the mesh (``train.fsdp_replicate`` > 1: HSDP's 2-D mesh),
+    each decoder layer, then the wrapper as the root, with the ``train.fsdp_*`` options. A frozen
+    reference is sharded the same way (regathered per forward: it never runs a backward)."""
+    from fastrl.distributed.parallel import parallelize_policy
 
-    apply_ac(model, train_cfg.activation_checkpointing)
-    policy = Policy(model)
+    mesh = None
     if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-
         from fastrl.distributed.env import dist_info
+        from fastrl.distributed.fsdp import build_mesh
+
+        mesh = build_mesh(device.type, dist_info().world_size, train_cfg.fsdp_replicate)
+    options = fsdp_options(train_cfg, device) if fsdp else {}
+    policy = parallelize_policy(
+        model,
+        mesh=mesh,
+        ac=train_cfg.activation_checkpointing,
+        offload_activations=train_cfg.activation_offloading,
+        compile_layers=train_cfg.compile_layers,
+        fsdp=options,
+    )
+    if fsdp and ref.frozen is not None:
         from fastrl.distributed.fsdp import apply_fsdp_policy
 
-        mesh = init_device_mesh(device.type, (dist_info().world_size,))
-        apply_fsdp_policy(policy, mesh)
-        if ref.frozen is not None:
-            ref.frozen = apply_fsdp_policy(Policy(ref.frozen), mesh, root_reshard_after_forward=True)
+        ref.frozen = apply_fsdp_policy(Policy(ref.frozen), mesh, root_reshard_after_forward=True, **options)
     ref.wrapper = policy
     return policy
 
@@ -121,13 +147,56 @@ def setup_run(
     and the dataset (given in memory, or loaded from ``cfg.data``). Returns
     ``(model, tokenizer, ref, policy, dataset)``."""
     from fastrl.data import load_data
+    from fastrl.trainers.run_state import preflight
 
+    preflight(cfg.train)  # output folder and resume checks, before anything loads
+    meta = model is None and fsdp and _meta_init_applies(cfg)
+    if meta:  # parameters on the meta device; each rank loads its own shards once they are sharded
+        from fastrl.distributed.meta_init import build_on_meta
+        from fastrl.models.loading import load_tokenizer
+
+        model, tokenizer = build_on_meta(cfg.model), tokenizer or load_tokenizer(cfg.model)
+        if model.generation_config is not None and model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
     model, tokenizer, ref = setup_policy(
         cfg.model, cfg.lora, device, need_reference=need_reference, model=model, tokenizer=tokenizer
     )
     policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
+    if meta:
+        _load_shards(model, ref, cfg, device)
     dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     return model, tokenizer, ref, policy, dataset
+
+
+def _meta_init_applies(cfg) -> bool:
+    """``train.fsdp_meta_init`` for a full fine-tune of a local safetensors model (LoRA runs and Hub
+    names load the ordinary way: a LoRA adapter's random init would differ from the unsharded run's)."""
+    from pathlib import Path
+
+    from fastrl.distributed.meta_init import weight_files
+
+    if not cfg.train.fsdp_meta_init or cfg.lora.enabled or cfg.model.gradient_checkpointing:
+        return False
+    return Path(cfg.model.name_or_path).is_dir() and weight_files(cfg.model.name_or_path) is not None
+
+
+def _load_shards(model, ref: Reference, cfg, device: torch.device) -> None:
+    from fastrl.distributed.env import dist_info
+    from fastrl.distributed.meta_init import materialize_and_load
+
+    if cfg.train.fsdp_cpu_offload:  # the offloaded shards live on the CPU; FSDP copies them over per use
+        device = torch.device("cpu")
+    report = materialize_and_load(model, cfg.model.name_or_path, device)
+    if ref.frozen is not None:
+        materialize_and_load(ref.frozen.model, cfg.model.name_or_path, device)
+    info = dist_info()
+    if info.is_main:
+        mib = 2**20
+        print(
+            f"meta-device load: rank 0 holds {report.local_bytes / mib:.1f} MiB of the model's "
+            f"{report.model_bytes / mib:.1f} MiB (world size {info.world_size}), peak "
+            f"{report.peak_bytes / mib:.1f} MiB with the largest slice in flight"
+        )
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

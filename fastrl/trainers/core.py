@@ -8,6 +8,17 @@ optimizer, scheduler, RNG states and the step's own state, e.g. the data positio
 ``output_dir`` holds a checkpoint resumes from it with ``resume_from_checkpoint="auto"``; the final model is
 exported in Hugging Face format to ``output_dir/final``.
 
+Runs and their folders (``run_state.py``): a fresh run refuses an ``output_dir`` that holds another
+run's checkpoints unless ``train.overwrite_output_dir`` (which deletes them); every checkpoint records
+the trainer, the model and a fingerprint of the config, and a resume is refused for another trainer,
+another model, a config field that must match, or a checkpoint past ``train.max_steps``. Ctrl-C or
+SIGTERM stops at the next step boundary with a checkpoint there and one line (``interrupt.py``; exit
+status 130 / 143).
+
+Logged metrics: per optimizer step, the mean over micro-steps, then over ranks, then over the steps of a
+logging window; count metrics (keys ``num_*``, e.g. ``num_loss_tokens``) are instead the step's total,
+summed over micro-steps and ranks (and averaged over the window's steps).
+
 Schedule: ``lr(s) = lr * s / warmup_steps`` for ``s < warmup_steps``; afterwards ``lr`` (constant) or
 ``lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)`` with ``p = (s - warmup) / (max_steps - warmup)`` and
 ``m = min_lr_ratio`` (cosine).
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -79,24 +91,98 @@ class TrainConfig:
     resume_from_checkpoint: str = field(
         default="", metadata={"help": "'' (fresh run), 'auto' (latest in output_dir, if any) or a path."}
     )
+    checkpoint_format: str = field(
+        default="auto",
+        metadata={
+            "help": "'full' (weights gathered into one model.safetensors), 'sharded' (each rank writes its "
+            "shards with torch.distributed.checkpoint; resumable at another world size) or 'auto' "
+            "(sharded under FSDP, full otherwise)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a fresh run start in an output_dir holding another run's checkpoints (deletes them)."
+        },
+    )
     export_final: bool = field(default=True, metadata={"help": "Export output_dir/final in HF format."})
     fsdp: bool | None = field(
         default=None, metadata={"help": "Shard the policy with FSDP2 (None: on when WORLD_SIZE > 1)."}
     )
+    fsdp_param_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "FSDP MixedPrecisionPolicy: dtype the gathered parameters compute in ('auto': bfloat16 "
+            "on CUDA with train.bf16, the stored dtype otherwise; 'float32', 'bfloat16', 'float16')."
+        },
+    )
+    fsdp_reduce_dtype: str = field(
+        default="float32", metadata={"help": "FSDP gradient reduce-scatter dtype ('float32', 'bfloat16')."}
+    )
+    fsdp_reshard_after_forward: bool = field(
+        default=True,
+        metadata={"help": "Free each gathered layer after its forward (ZeRO-3); False keeps it (ZeRO-2)."},
+    )
+    fsdp_cpu_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "FSDP CPUOffloadPolicy: sharded parameters, gradients and optimizer state in pinned CPU "
+            "memory (unpinned, with a warning, where pinned memory is unavailable)."
+        },
+    )
+    fsdp_replicate: int = field(
+        default=1,
+        metadata={
+            "help": "HSDP: replicate groups on a 2-D mesh (replicate x shard), e.g. the number of nodes; "
+            "must divide WORLD_SIZE (1: plain FSDP over all ranks)."
+        },
+    )
+    fsdp_meta_init: bool = field(
+        default=True,
+        metadata={
+            "help": "Under FSDP, build the model on the meta device and load each rank's shards straight "
+            "from the safetensors files (full fine-tunes of a local model; no rank holds the full model)."
+        },
+    )
     activation_checkpointing: str = field(
         default="none",
-        metadata={"help": "Recompute decoder layers in backward: 'none', 'selective' (every 2nd) or 'full'."},
+        metadata={
+            "help": "Recompute activations in backward: 'none', 'full' (every decoder layer), "
+            "'selective:<k>' (every k-th layer; 'selective' = k 2) or 'op' (save matmul and attention "
+            "outputs except every 2nd matmul, recompute the rest)."
+        },
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Move the decoder layers' saved activations to pinned CPU memory on a side stream "
+            "(CUDA) and back for the backward."
+        },
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer (after checkpointing, before FSDP)."},
     )
 
     def __post_init__(self):
-        from fastrl.distributed.activation_checkpoint import AC_MODES
+        from fastrl.distributed.activation_checkpoint import parse_ac_mode
 
-        if self.activation_checkpointing not in AC_MODES:
-            got = self.activation_checkpointing
-            raise ValueError(f"train.activation_checkpointing must be one of {AC_MODES}, got {got!r}")
+        try:
+            parse_ac_mode(self.activation_checkpointing)
+        except ValueError as e:
+            raise ValueError(f"train.activation_checkpointing: {e}") from None
         for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            allowed = ("float32", "bfloat16", "float16") + (("auto",) if name == "fsdp_param_dtype" else ())
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.fsdp_replicate, int) or self.fsdp_replicate < 1:
+            raise ValueError(f"train.fsdp_replicate must be an integer >= 1, got {self.fsdp_replicate!r}")
+        if self.checkpoint_format not in ("auto", "full", "sharded"):
+            got = self.checkpoint_format
+            raise ValueError(f"train.checkpoint_format must be 'auto', 'full' or 'sharded', got {got!r}")
         if self.save_steps < 0:
             raise ValueError(f"train.save_steps must be >= 0, got {self.save_steps}")
 
@@ -203,22 +289,33 @@ def train(
     optim_cfg: OptimConfig,
     adapter_only: bool = False,
     desc: str = "train",
+    run: dict | None = None,
 ) -> dict:
-    """Run the loop (see the module docstring). Returns the last record plus ``history`` (all records)."""
+    """Run the loop (see the module docstring). Returns the last record plus ``history`` (all records).
+
+    ``run``: this run's identity (``run_state.run_identity``), recorded in every checkpoint and checked
+    against the checkpoint a resume starts from (``None``: neither). Raises ``TrainingInterrupted`` (a
+    ``SystemExit``) when stopped by SIGINT / SIGTERM."""
     from tqdm.auto import tqdm
 
     from fastrl.distributed.checkpoint import (
         checkpoint_path,
+        clean_debris,
         export_hf,
         latest_checkpoint,
+        list_checkpoints,
         load_checkpoint,
+        read_state,
         rotate_checkpoints,
         save_checkpoint,
     )
-    from fastrl.distributed.env import all_reduce_dict_mean, dist_info
+    from fastrl.distributed.env import all_reduce_dict_mean, barrier, dist_info
     from fastrl.distributed.fsdp import grad_norm_value
+    from fastrl.trainers.interrupt import StopGuard, TrainingInterrupted, _StopNow, stop_message
+    from fastrl.trainers.run_state import check_resume, prepare_output_dir
 
     is_main = dist_info().rank == 0
+    world_size = dist_info().world_size
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -237,8 +334,14 @@ def train(
 
     start = 0
     resume = train_cfg.resume_from_checkpoint
+    clean_debris(out)  # of saves killed outright (rank 0)
+    if not resume:
+        prepare_output_dir(out, train_cfg, existing=list_checkpoints(out), is_main=is_main)
+    barrier()
     ckpt = latest_checkpoint(out) if resume == "auto" else (resume or None)
     if ckpt is not None:
+        saved = read_state(ckpt)
+        check_resume(saved.get("run"), run, ckpt, step=int(saved["step"]), max_steps=train_cfg.max_steps)
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         start = int(state["step"])
         step.load_state_dict(state["trainer"])
@@ -253,7 +356,28 @@ def train(
         total=train_cfg.max_steps, initial=start, desc=desc, disable=not (train_cfg.progress_bar and is_main)
     )
     t0 = time.perf_counter()
-    for s in range(start, train_cfg.max_steps):
+
+    fmt = train_cfg.checkpoint_format
+    if fmt == "auto":
+        from fastrl.distributed.fsdp import is_fsdp
+
+        fmt = "sharded" if is_fsdp(model) else "full"
+
+    def save(n: int) -> Path:
+        path = save_checkpoint(
+            checkpoint_path(out, n),
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state={"step": n, "trainer": step.state_dict(), "run": run},
+            adapter_only=adapter_only,
+            format=fmt,
+        )
+        if train_cfg.save_total_limit is not None:
+            rotate_checkpoints(out, train_cfg.save_total_limit)
+        return path
+
+    def optimizer_step(s: int) -> None:
         model.train()
         sums: dict[str, list[float]] = defaultdict(list)
         for k in range(ga):
@@ -272,30 +396,43 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        for key, vals in sums.items():
-            window[key].append(sum(vals) / len(vals))
+        for key, vals in sums.items():  # counts: the step's total; the rest: the micro-step mean
+            window[key].append(sum(vals) if key.startswith("num_") else sum(vals) / len(vals))
         window["grad_norm"].append(grad_norm_value(grad_norm))
         bar.update(1)
         bar.set_postfix({k: f"{window[k][-1]:.4g}" for k in ("loss", "reward") if k in window})
         if (s + 1) % train_cfg.logging_steps == 0 or s + 1 == train_cfg.max_steps:
             means = all_reduce_dict_mean({k: sum(v) / len(v) for k, v in window.items()})  # collective
-            record = {"step": s + 1, "lr": lr, **means}
-            record["elapsed_s"] = time.perf_counter() - t0
+            means = {k: v * world_size if k.startswith("num_") else v for k, v in means.items()}
+            record = {"step": s + 1, "lr": lr, **means, "elapsed_s": time.perf_counter() - t0}
             history.append(record)
             log.write(record)
             window.clear()
-        if train_cfg.save_steps and (s + 1) % train_cfg.save_steps == 0 and s + 1 < train_cfg.max_steps:
-            save_checkpoint(
-                checkpoint_path(out, s + 1),
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state={"step": s + 1, "trainer": step.state_dict()},
-                adapter_only=adapter_only,
-            )
-            if train_cfg.save_total_limit is not None:
-                rotate_checkpoints(out, train_cfg.save_total_limit)
-    bar.close()
+
+    done = start
+    try:
+        with StopGuard(desc, announce=is_main) as guard:
+            for s in range(start, train_cfg.max_steps):
+                optimizer_step(s)
+                done = s + 1
+                saved = None
+                if train_cfg.save_steps and done % train_cfg.save_steps == 0 and done < train_cfg.max_steps:
+                    saved = save(done)
+                signum = guard.requested()  # collective: every rank stops at the same step
+                if signum:
+                    if saved is None:  # the boundary is consistent: save it, as save_steps would
+                        saved = save(done)
+                    msg = stop_message(desc, signum, done, train_cfg.max_steps, saved, None, out)
+                    if is_main:
+                        print(msg, file=sys.stderr, flush=True)
+                    raise TrainingInterrupted(signum, done, str(saved), msg)
+    except _StopNow as stop:
+        msg = stop_message(desc, stop.signum, done, train_cfg.max_steps, None, latest_checkpoint(out), out)
+        if is_main:
+            print(msg, file=sys.stderr, flush=True)
+        raise TrainingInterrupted(stop.signum, done, None, msg) from None
+    finally:
+        bar.close()
     if train_cfg.export_final:  # collective under FSDP: every rank calls, rank 0 writes
         export_hf(model, tokenizer, out / "final")
     return {**(history[-1] if history else {}), "history": history}
@@ -303,6 +440,9 @@ def train(
 
 def train_run(step: TrainStep, cfg: RunConfig, *, model: torch.nn.Module, tokenizer, desc: str) -> dict:
     """``train`` with the sections of a run config (LoRA runs save and export only the adapter)."""
+    from fastrl.distributed.env import dist_info
+    from fastrl.trainers.run_state import run_identity
+
     return train(
         step,
         model=model,
@@ -311,4 +451,5 @@ def train_run(step: TrainStep, cfg: RunConfig, *, model: torch.nn.Module, tokeni
         optim_cfg=cfg.optim,
         adapter_only=cfg.lora.enabled,
         desc=desc,
+        run=run_identity(desc, cfg, model, dist_info().world_size),
     )

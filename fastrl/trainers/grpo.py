@@ -25,12 +25,12 @@ import torch
 
 from fastrl.data import DataConfig, encode_prompt, require_columns
 from fastrl.data.sampler import ShardedSampler
-from fastrl.distributed.env import dist_info
+from fastrl.distributed.env import dist_info, is_distributed
 from fastrl.engine import EngineConfig, build_engine
 from fastrl.losses.grpo_config import GRPOLossConfig
 from fastrl.models.policy import as_policy
 from fastrl.rewards import SCALE_REWARDS, resolve_reward
-from fastrl.trainers.common import seed_everything, setup_run, to_device
+from fastrl.trainers.common import global_mean_count, seed_everything, setup_run, to_device
 from fastrl.trainers.core import RunConfig, setup_distributed, train_run
 from fastrl.trainers.rollout import make_rollout
 
@@ -174,6 +174,11 @@ class GRPOStep:
         loss_fn = self.loss_fn
         if self.loss_cfg.uses_num_items and self.loss_cfg.num_items_in_batch is None:
             loss_fn.config = dataclasses.replace(self.loss_cfg, num_items_in_batch=float(mb["num_items"]))
+        elif self.loss_cfg.loss_type == "bnpo" and is_distributed():
+            # bnpo is the token mean of the micro-batch: of the global one, as one process would take it.
+            # That is dapo's normaliser with the global token count / world size (FSDP averages the ranks).
+            n = float(global_mean_count(mb["completion_mask"].sum()))
+            loss_fn.config = dataclasses.replace(self.loss_cfg, loss_type="dapo", num_items_in_batch=n)
 
         def head(hidden, weight, bias, mb):
             C = mb["completion_ids"].shape[1]

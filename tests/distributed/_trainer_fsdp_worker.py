@@ -47,6 +47,13 @@ def sft_config(model_dir: str, out, *, seed: int, per_device_batch_size: int):
     )
 
 
+def sft_dcp_config(model_dir: str, out, *, seed: int, per_device_batch_size: int):
+    """4 AdamW steps, a sharded checkpoint at step 2 (whatever the world size), final weights exported."""
+    cfg = sft_config(model_dir, out, seed=seed, per_device_batch_size=per_device_batch_size)
+    cfg.train.max_steps, cfg.train.save_steps, cfg.train.checkpoint_format = 4, 2, "sharded"
+    return cfg
+
+
 def dpo_rows() -> list[dict]:
     """Chosen: the right sum; rejected: a wrong one of varying length (pairs of unequal token counts)."""
     return [
@@ -149,6 +156,49 @@ def main() -> None:
     assert dist.is_initialized() and dist.get_backend() == "gloo" and is_fsdp(model)
     result["sft_history"], result["sft_weights"] = res["history"], full_model_state_dict(model)
 
+    # Sharded (DCP) checkpoints: an uninterrupted 4-step run saving at step 2, the same run resumed from
+    # that checkpoint on 2 ranks, and a run resumed from a checkpoint one process wrote (1 -> 2 ranks).
+    cfg = sft_dcp_config(a.model, out / "sft_dcp", seed=seed, per_device_batch_size=2)
+    res = run_sft(cfg, dataset=sft_rows())
+    model = None
+    result["sft_dcp_history"] = res["history"]
+    cfg = sft_dcp_config(a.model, out / "sft_dcp_resumed", seed=seed, per_device_batch_size=2)
+    cfg.train.resume_from_checkpoint = str(out / "sft_dcp" / "checkpoint-2")
+    result["sft_dcp_resumed_history"] = run_sft(cfg, dataset=sft_rows())["history"]
+    cfg = sft_dcp_config(a.model, out / "sft_dcp_from_1", seed=seed, per_device_batch_size=2)
+    cfg.train.resume_from_checkpoint = str(out / "sft_dcp_ws1" / "checkpoint-2")
+    result["sft_dcp_from_1_history"] = run_sft(cfg, dataset=sft_rows())["history"]
+
+    # FSDP options: HSDP on a 2-D mesh (2 replicas x 1 shard), and CPU offload (unpinned on the CPU,
+    # with a warning) without resharding after forward; both must train as the plain run does.
+    cfg = sft_config(a.model, out / "sft_hsdp", seed=seed, per_device_batch_size=2)
+    cfg.train.fsdp_replicate, cfg.train.export_final = 2, False
+    cfg.train.activation_checkpointing = "op"  # op-level selective AC under FSDP2 changes no number either
+    result["sft_hsdp_history"] = run_sft(cfg, dataset=sft_rows())["history"]
+    cfg = sft_config(a.model, out / "sft_offload", seed=seed, per_device_batch_size=2)
+    cfg.train.fsdp_cpu_offload, cfg.train.export_final, cfg.train.fsdp_reshard_after_forward = (
+        True,
+        False,
+        False,
+    )
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result["sft_offload_history"] = run_sft(cfg, dataset=sft_rows())["history"]
+    result["offload_warnings"] = [str(w.message) for w in caught if "pinned memory" in str(w.message)]
+
+    # Meta-device init: what each rank holds after loading its shards, and the weights it loaded.
+    from fastrl.distributed.fsdp import apply_fsdp
+    from fastrl.distributed.meta_init import build_on_meta, materialize_and_load
+
+    model = build_on_meta(ModelConfig(name_or_path=a.model))
+    apply_fsdp(model)
+    report = materialize_and_load(model, a.model, torch.device("cpu"))
+    reports = [None] * dist_info().world_size
+    dist.all_gather_object(reports, report)
+    result["meta_reports"], result["meta_weights"] = reports, full_model_state_dict(model)
+
     from fastrl.trainers.dpo import run_dpo
 
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
@@ -181,6 +231,14 @@ def main() -> None:
     res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[spread_reward],
                    engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
     result["grpo_exact_history"], result["grpo_exact_weights"] = res["history"], full_model_state_dict(model)
+    # The other normalisers: bnpo (a global token mean, passed by the trainer) and grpo (sequence means).
+    for loss_type in ("bnpo", "grpo"):
+        model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
+        cfg = grpo_config(a.model, out / f"grpo_{loss_type}", seed=seed)
+        cfg.loss.loss_type, cfg.train.save_steps, cfg.train.export_final = loss_type, 0, False
+        res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[spread_reward],
+                       engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
+        result[f"grpo_{loss_type}"] = (res["history"], full_model_state_dict(model))
     if dist_info().rank == 0:
         torch.save(result, out / "result.pt")
     dist.barrier()

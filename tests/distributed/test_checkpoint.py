@@ -171,16 +171,29 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<", pad_token=">", eos_token=">")
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_export_hf_loads_back_with_same_logits(tmp_path, seed, lora):
+@pytest.mark.parametrize(("lora", "shard_bytes", "tie"), [(False, None, False), (True, None, False),
+                                                          (True, 20_000, True)])  # fmt: skip
+def test_export_hf_loads_back_with_same_logits(tmp_path, seed, lora, shard_bytes, tie):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, opt, sched = make_run(seed, lora=lora)
+    model, opt, sched = make_run(seed, lora=lora, tie=tie)
     train_step(model, opt, sched, batch(seed))
     ids = batch(seed + 1)
     with torch.no_grad():
         want = model(ids).logits
-    out = export_hf(model, char_tokenizer(), tmp_path / "export")
+    kw = {"max_shard_bytes": shard_bytes} if shard_bytes else {}
+    out = export_hf(model, char_tokenizer(), tmp_path / "export", **kw)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    if shard_bytes:  # streamed into several files of at most shard_bytes (or one tensor) and an index
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(files) > 3 and set(index["weight_map"].values()) == set(files)
+        assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        assert "lm_head.weight" not in index["weight_map"]  # tied: written once
+        sizes = [(out / f).stat().st_size for f in files]
+        biggest = max(p.numel() * 4 for p in model.parameters())
+        assert max(sizes) < max(shard_bytes, biggest) + 4096, sizes
+    else:
+        assert files == ["model.safetensors"]
     loaded = AutoModelForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
         got = loaded(ids).logits
@@ -239,3 +252,101 @@ def test_round_trip_on_cuda_restores_cuda_rng(tmp_path, seed):
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v), k
     assert_same_optimizer(opt, opt2)
+
+
+def _tiny_linear(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(3, 2)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 4, 5])
+def test_rotation_keeps_the_newest_keep_checkpoints(tmp_path, seed, keep):
+    # Issue 9.1: with fewer than `keep` checkpoints the slice start went negative and kept only the newest.
+    model = _tiny_linear(seed)
+    for n in range(1, 11):
+        save_checkpoint(checkpoint_path(tmp_path, n), model=model, state={"step": n})
+        rotate_checkpoints(tmp_path, keep)
+        left = sorted(int(p.name.split("-")[1]) for p in tmp_path.iterdir())
+        assert left == list(range(max(1, n - keep + 1), n + 1)), (keep, n, left)
+
+
+def test_debris_of_killed_saves_is_cleaned(tmp_path, seed):
+    model = _tiny_linear(seed)
+    good = save_checkpoint(checkpoint_path(tmp_path, 2), model=model, state={"step": 2})
+    # A save killed (SIGKILL) while writing, one killed between the two renames of an overwrite (the
+    # `.old` is the only copy of checkpoint-4), and one whose new copy had already arrived.
+    save_checkpoint(tmp_path / ".checkpoint-4.old", model=model, state={"step": 4})
+    (tmp_path / ".checkpoint-7.tmp").mkdir()
+    (tmp_path / ".checkpoint-7.tmp" / ckpt.MODEL_FILE).write_bytes(b"half")
+    import shutil
+
+    shutil.copytree(good, tmp_path / ".checkpoint-2.old")
+    removed = ckpt.clean_debris(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint-2.old", ".checkpoint-7.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert ckpt.read_state(checkpoint_path(tmp_path, 4)) == {"step": 4}
+    # The next save cleans up too.
+    (tmp_path / ".checkpoint-9.tmp").mkdir()
+    save_checkpoint(checkpoint_path(tmp_path, 5), model=model, state={"step": 5})
+    assert not (tmp_path / ".checkpoint-9.tmp").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_checkpoint_with_its_marker_names_the_file(tmp_path, seed, damage):
+    model, opt, sched = make_run(seed)
+    train_step(model, opt, sched, batch(seed))
+    path = save_checkpoint(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, state={"step": 1})
+    meta = json.loads((path / ckpt.COMPLETE).read_text())
+    assert set(meta["files"]) == {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+                                  "rng_rank0.pt"}  # fmt: skip
+    victim = path / ckpt.OPTIMIZER_FILE
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        victim.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        victim.unlink()
+    want = {"truncate": "truncated", "flip": "CRC-32", "delete": "missing"}[damage]
+    model2, opt2, sched2 = make_run(seed + 1)
+    with pytest.raises(ValueError, match=f"optimizer.pt.*{want}|{want}.*optimizer.pt|optimizer.pt is {want}"):
+        load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+
+
+def test_sharded_format_round_trip_and_crash(tmp_path, seed, monkeypatch):
+    """The DCP format at world size 1: exact resume, DCP files instead of model.safetensors, and a save
+    that dies inside DCP never becomes the latest checkpoint (the 2-rank and cross-world-size cases run
+    in test_dcp.py)."""
+    model, opt, sched = make_run(seed, tie=True)
+    for s in range(2):
+        train_step(model, opt, sched, batch(seed + s))
+    path = save_checkpoint(checkpoint_path(tmp_path, 2), model=model, optimizer=opt, scheduler=sched,
+                           state={"step": 2}, format="sharded")  # fmt: skip
+    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert names == ["COMPLETE", "dcp/.metadata", "dcp/__0_0.distcp", "rng_rank0.pt", "scheduler.pt",
+                     "trainer_state.json"]  # fmt: skip
+    assert json.loads((path / ckpt.COMPLETE).read_text())["format"] == "sharded"
+    after_save = draws()
+    next_loss = train_step(model, opt, sched, batch(seed + 2))
+    model2, opt2, sched2 = make_run(seed + 1, tie=True)
+    assert load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2) == {"step": 2}
+    assert draws() == after_save
+    assert train_step(model2, opt2, sched2, batch(seed + 2)) == next_loss
+    for (n1, p1), p2 in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p1, p2), n1
+    assert_same_optimizer(opt, opt2)
+    assert model2.lm_head.weight is model2.model.embed_tokens.weight
+
+    import torch.distributed.checkpoint as dcp
+
+    def dying_save(*args, **kwargs):
+        raise OSError("killed inside dcp.save (simulated)")
+
+    monkeypatch.setattr(dcp, "save", dying_save)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(checkpoint_path(tmp_path, 3), model=model, optimizer=opt, state={"step": 3},
+                        format="sharded")  # fmt: skip
+    assert latest_checkpoint(tmp_path) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    with pytest.raises(ValueError, match="format must be one of"):
+        save_checkpoint(tmp_path / "x", model=model, state={}, format="zip")
