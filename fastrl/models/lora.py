@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -75,7 +76,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, peft_cfg)
+    # PEFT 0.21 reads `model.is_gradient_checkpointing` inside get_peft_model, a property transformers 5
+    # deprecated (FutureWarning on every LoRA run). The read is PEFT's, not ours, so the one fix open to us
+    # is to silence exactly that warning for exactly this call.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, peft_cfg)
 
 
 @contextlib.contextmanager
