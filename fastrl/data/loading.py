@@ -4,6 +4,7 @@ what is missing."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def load_data(cfg: DataConfig):
     if kind == "file":
         try:
             builder = LOCAL_FORMATS[path.suffix.lower()]
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            with _no_bars(datasets):  # a local file reads in moments: its bar would be noise on stderr
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # datasets' errors do not say where; find the line, else pass its words on
             check_data_file(path, limit=None)
             cause = err.__cause__ or err
@@ -90,6 +92,17 @@ def load_data(cfg: DataConfig):
     if cfg.max_samples is not None:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     return ds
+
+
+@contextlib.contextmanager
+def _no_bars(datasets):
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
 
 
 def require_columns(ds, required: list[str | tuple[str, ...]], *, task: str) -> None:
