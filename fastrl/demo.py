@@ -243,6 +243,15 @@ def format_table(summary: dict) -> str:
 
 
 def plot_curves(summary: dict, path: Path) -> None:
+    """``curves_figure(summary)`` saved as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(summary)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(summary: dict):
     """One panel per stage: the SFT loss, the GRPO rollout reward (with the held-out reward before and
     after), the DPO loss; a title saying what ran."""
     import matplotlib
@@ -277,8 +286,7 @@ def plot_curves(summary: dict, path: Path) -> None:
         f"fastrl demo: SFT -> GRPO -> DPO of a tiny model reversing strings ({kind}, seed {summary['seed']})"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
