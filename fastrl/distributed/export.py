@@ -30,7 +30,7 @@ def _plain_copy_from_full(model: nn.Module, full: dict[str, torch.Tensor]) -> nn
     dtype = next((t.dtype for t in full.values() if t.is_floating_point()), torch.float32)
     twin = AutoModelForCausalLM.from_config(base.config).to(dtype)
     if sd.is_peft(model):
-        from peft import get_peft_model
+        from fastrl.models.lora import get_peft_model  # peft's, without its deprecation warning
 
         twin = get_peft_model(twin, copy.deepcopy(model.peft_config[sd.active_adapter(model)]))
     twin.load_state_dict(full, strict=True)

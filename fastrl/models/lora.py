@@ -76,9 +76,16 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    # PEFT 0.21 reads `model.is_gradient_checkpointing` inside get_peft_model, a property transformers 5
-    # deprecated (FutureWarning on every LoRA run). The read is PEFT's, not ours, so the one fix open to us
-    # is to silence exactly that warning for exactly this call.
+    return get_peft_model(model, peft_cfg)
+
+
+def get_peft_model(model: nn.Module, peft_cfg) -> nn.Module:
+    """``peft.get_peft_model`` without its deprecation warning. PEFT 0.21 reads
+    ``model.is_gradient_checkpointing`` in ``PeftModel.__init__``, a property transformers 5 deprecated (a
+    FutureWarning on every LoRA run). The read is PEFT's, not ours, so the one fix open to us is to silence
+    exactly that warning for exactly this call."""
+    import peft
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return peft.get_peft_model(model, peft_cfg)

@@ -4,6 +4,7 @@ padding, packing and the resumable sampler."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -297,3 +298,28 @@ def test_check_kept_says_how_many_and_why():
         check_kept(0, 7, task="SFT", why="too long")
     with pytest.warns(FastRLWarning, match=r"3 of 7 SFT examples were dropped: too long"):
         check_kept(4, 7, task="SFT", why="too long")
+
+
+def test_an_unreachable_hub_is_probed_once_and_a_cached_id_goes_offline(tmp_path, monkeypatch):
+    from fastrl import _hub
+
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    _hub.hub_unreachable.cache_clear()
+    import sys
+
+    for name in ("huggingface_hub.constants", "datasets.config"):  # go_offline flips them: restore after
+        if name in sys.modules:
+            monkeypatch.setattr(sys.modules[name], "HF_HUB_OFFLINE", sys.modules[name].HF_HUB_OFFLINE)
+    try:
+        assert "127.0.0.1 cannot be reached" in _hub.hub_unreachable()
+        (tmp_path / "hub" / "models--org--m" / "snapshots" / "x").mkdir(parents=True)
+        _hub.check_hub_id("model.name_or_path", "org/m", "model")
+        assert os.environ["HF_HUB_OFFLINE"] == "1"  # cached: read from the cache without any request
+        with pytest.raises(ValueError, match="model.name_or_path 'org/other' is not a local path"):
+            _hub.check_hub_id("model.name_or_path", "org/other", "model")
+    finally:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        _hub.hub_unreachable.cache_clear()
