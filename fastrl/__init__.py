@@ -15,6 +15,12 @@ import importlib
 
 __version__ = "0.1.0"
 
+
+class FastRLWarning(UserWarning):
+    """fastrl's own warnings (examples dropped, a reward that scored nothing); the CLI prints each as one
+    line, ``fastrl: warning: ...``."""
+
+
 _EXPORTS = {
     "logprobs": "fastrl.ops.logprobs",
     "linear_logprobs": "fastrl.ops.linear_logprobs",

@@ -5,23 +5,30 @@
     fastrl grpo --config run.yaml [--section.key value ...]   GRPO
     fastrl bench [--suite S ...] [--gpu] [--out DIR]         the benchmark suite
     fastrl demo [...]                                        SFT -> GRPO -> DPO of a tiny local model
-    fastrl vllm-serve                                        (needs the vllm extra)
+    fastrl vllm-serve                                        (not in this release yet)
+    fastrl --version
 
 A training command maps its YAML file and overrides onto the trainer's run-config dataclass
 (``fastrl.config.load_config``); ``fastrl <cmd> --help`` lists every key with its help text. The trainers
 are imported only when their command runs. Under torchrun every rank parses the same arguments; only
-rank 0 prints. Exit status: 0 done, 2 bad arguments or config, 1 the run stopped on a user error (a
-``ValueError`` or ``OSError``: one line on stderr, no traceback; ``FASTRL_TRACEBACK=1`` shows it).
+rank 0 prints. Before a model loads, ``fastrl.preflight`` checks the paths (before torch is imported),
+the typed config, the device, the dataset and the reward functions. A run ends with a two-line summary.
+
+Exit status: 0 done; 2 bad arguments, config or inputs (found before any model loads); 1 the run stopped
+on a user error. Either way one line on stderr, ``fastrl <command>: error: ...``, naming the culprit, and
+no traceback (``--debug`` or ``FASTRL_DEBUG=1`` shows it).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
-import json
 import os
 import sys
+import warnings
+from pathlib import Path
 
-from fastrl.config import config_help, load_config, save_config, to_dict
+from fastrl.config import config_help, load_config, read_raw, save_config, to_dict
 
 # command -> (module, run-config class, run function); all imported lazily.
 TRAINERS: dict[str, tuple[str, str, str]] = {
@@ -32,7 +39,7 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
 OTHER = {
     "bench": "run the benchmark suite (fastrl bench --help)",
     "demo": "SFT, then GRPO, then DPO of a tiny locally built model (CPU, no downloads)",
-    "vllm-serve": "serve the policy with vLLM for the vllm_server engine (needs the vllm extra)",
+    "vllm-serve": "serve the policy with vLLM for the vllm_server engine (not in this release yet)",
 }
 
 
@@ -41,7 +48,11 @@ def usage() -> str:
     for name, (module, cls, _) in TRAINERS.items():
         lines.append(f"  {name:<11} train with {module}.{cls} (--config run.yaml, --section.key value ...)")
     lines += [f"  {name:<11} {text}" for name, text in OTHER.items()]
-    lines += ["", "fastrl <command> --help lists the command's options."]
+    lines += [
+        "",
+        "fastrl <command> --help lists the command's options; --debug (or FASTRL_DEBUG=1) shows",
+        "tracebacks; fastrl --version prints the version.",
+    ]
     return "\n".join(lines)
 
 
@@ -97,35 +108,88 @@ def _split_trainer_args(command: str, argv: list[str]) -> tuple[str | None, list
 
 
 def run_trainer(command: str, argv: list[str]) -> int:
+    """Arguments -> (cheap checks) -> run config -> (checks before the model loads) -> the run -> summary."""
+    try:
+        config_path, overrides, flags = _split_trainer_args(command, argv)
+        if not (flags["help"] or flags["print"]):
+            from fastrl.preflight import check_sources
+
+            check_sources(read_raw(config_path, overrides))  # before torch is even imported
+    except USER_ERRORS as err:
+        return _fail(command, err, 2)
     module_name, cls_name, fn_name = TRAINERS[command]
     module = importlib.import_module(module_name)
     cfg_cls, run = getattr(module, cls_name), getattr(module, fn_name)
+    if flags["help"]:
+        _say(trainer_help(command, cfg_cls))
+        return 0
     try:
-        config_path, overrides, flags = _split_trainer_args(command, argv)
-        if flags["help"]:
-            _say(trainer_help(command, cfg_cls))
-            return 0
         cfg = load_config(cfg_cls, config_path, overrides)
     except ValueError as err:
-        _say(f"fastrl {command}: {err}", err=True)
-        return 2
+        return _fail(command, err, 2)
     if flags["save"] and _rank0():
         try:
             save_config(cfg, flags["save"])
         except OSError as err:
-            _say(f"fastrl {command}: --save-config {flags['save']!r}: {err.strerror or err}", err=True)
-            return 2
+            return _fail(command, ValueError(f"--save-config {flags['save']!r}: {err.strerror or err}"), 2)
     if flags["print"]:
         import yaml
 
         _say(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         return 0
-    metrics = _guarded(command, run, cfg)
+    train = getattr(cfg, "train", None)
+    if train is not None and not getattr(train, "progress_bar", True):
+        _quiet_library_bars()
+    if module_name.startswith("fastrl.trainers."):
+        from fastrl.preflight import check_run
+
+        search = (Path(config_path).resolve().parent,) if config_path else ()
+        try:
+            extra = check_run(command, cfg, search=search)
+        except USER_ERRORS as err:
+            return _fail(command, err, 2)
+    else:
+        extra = {}
+    metrics = _guarded(command, run, cfg, **extra)
     if isinstance(metrics, _Failed):
         return 1
     if metrics is not None:
-        _say(json.dumps({k: _plain(v) for k, v in dict(metrics).items()}, indent=2, default=str))
+        _say(run_summary(command, cfg, dict(metrics)))
     return 0
+
+
+def run_summary(command: str, cfg, metrics: dict) -> str:
+    """Two lines: steps and the final loss/reward, then where the model and the metrics are."""
+    steps = metrics.get("step", 0)
+    parts = [f"fastrl {command}: done, {steps} step{'' if steps == 1 else 's'}"]
+    final = [f"{k} {_plain(metrics[k]):.4g}" for k in ("loss", "reward") if _is_number(metrics.get(k))]
+    if final:
+        parts.append("final " + ", ".join(final))
+    lines = ["; ".join(parts)]
+    train = getattr(cfg, "train", None)
+    if train is not None and hasattr(train, "output_dir"):
+        out = Path(train.output_dir)
+        where = [f"model {out / 'final'}"] if getattr(train, "export_final", False) else []
+        where.append(f"metrics {out / 'metrics.jsonl'}")
+        lines.append("  " + ", ".join(where))
+    return "\n".join(lines)
+
+
+def _is_number(value) -> bool:
+    value = _plain(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _quiet_library_bars() -> None:
+    """``train.progress_bar false`` also hides transformers' and datasets' loading bars."""
+    try:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    except (ImportError, AttributeError):
+        pass
 
 
 class _Failed:
@@ -137,15 +201,36 @@ class _Failed:
 USER_ERRORS = (ValueError, OSError)
 
 
-def _guarded(command: str, fn, *args):
-    """``fn(*args)``; a user error becomes one line on stderr, ``fastrl <command>: error: ...``, and a
-    ``_Failed`` result instead of a traceback. ``FASTRL_TRACEBACK=1`` re-raises it (for debugging)."""
+def debugging() -> bool:
+    """``--debug``, ``FASTRL_DEBUG=1`` (or the older ``FASTRL_TRACEBACK=1``): show tracebacks."""
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("FASTRL_DEBUG", "FASTRL_TRACEBACK"))
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line: ValueError's own words, other types prefixed with their name (an OSError's
+    type says what went wrong); multi-line messages (transformers', YAML's) joined."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or repr(err)
+    return (
+        text
+        if type(err) is ValueError or type(err).__name__ == "RewardError"
+        else f"{type(err).__name__}: {text}"
+    )
+
+
+def _fail(command: str, err: BaseException, status: int) -> int:
+    if debugging():
+        raise err
+    _say(f"fastrl {command}: error: {one_line(err)}", err=True)
+    return status
+
+
+def _guarded(command: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a user error becomes one line on stderr, ``fastrl <command>: error: ...``,
+    and a ``_Failed`` result instead of a traceback (``--debug`` / ``FASTRL_DEBUG=1`` re-raise it)."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except USER_ERRORS as err:
-        if os.environ.get("FASTRL_TRACEBACK", "") not in ("", "0"):
-            raise
-        _say(f"fastrl {command}: error: {type(err).__name__}: {err}", err=True)
+        _fail(command, err, 1)
         return _Failed()
 
 
@@ -159,12 +244,32 @@ def _plain(value):
     return value
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    from fastrl import FastRLWarning
+
+    if issubclass(category, FastRLWarning):
+        return f"fastrl: warning: {message}\n"
+    return _library_format(message, category, filename, lineno, line)
+
+
+_library_format = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastrl`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["FASTRL_DEBUG"] = "1"
+    warnings.formatwarning = _format_warning
     if not argv or argv[0] in ("-h", "--help", "help"):
         _say(usage())
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V", "version"):
+        from fastrl import __version__
+
+        _say(f"fastrl {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command in TRAINERS:
         return run_trainer(command, rest)
@@ -181,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return status if isinstance(status, int) else 0
     if command == "vllm-serve":
-        _say(
-            "fastrl vllm-serve: not available yet: needs the vllm extra (pip install 'fastrl[vllm]') and the "
-            "vllm_server engine; use engine.kind=hf or vllm (colocated) meanwhile",
-            err=True,
-        )
+        from fastrl.engine.base import VLLM_UNAVAILABLE
+
+        _say(f"fastrl vllm-serve: {VLLM_UNAVAILABLE}", err=True)
         return 2
-    _say(f"fastrl: unknown command {command!r}\n\n{usage()}", err=True)
+    close = difflib.get_close_matches(command, [*TRAINERS, *OTHER], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    _say(f"fastrl: error: unknown command {command!r}{hint} (fastrl --help lists them)", err=True)
     return 2
 
 

@@ -37,25 +37,48 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: li
     ``null``), except for ``str`` fields, which take the text as is.
     """
     _require_dataclass(cls)
-    data: dict[str, Any] = {}
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:  # a user's typo in the file: a message, not a parser traceback
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(
-                f"config file {str(path)!r} must hold a mapping at the top, got {type(loaded).__name__}"
-            )
-        data = loaded
+    data = read_yaml(yaml_path) if yaml_path is not None else {}
     for dotted, text in _split_overrides(overrides or []):
         _set_override(cls, data, dotted, text)
     return _build(cls, data, prefix="")
+
+
+def read_yaml(yaml_path: str | Path) -> dict:
+    """The top-level mapping of a YAML config file (``{}`` for an empty file); ``ValueError`` otherwise."""
+    path = Path(yaml_path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:  # a user's typo in the file: a message, not a parser traceback
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"config file {str(path)!r} is not valid YAML{line}: {what}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({err.reason})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        kind = type(loaded).__name__
+        raise ValueError(f"config file {str(path)!r} must hold a mapping at the top, got {kind}")
+    return loaded
+
+
+def read_raw(yaml_path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The YAML file's mapping with the overrides' raw text set at their dotted paths (no types, no key
+    checks): what the CLI reads paths from before importing the config classes (and torch)."""
+    data = read_yaml(yaml_path) if yaml_path is not None else {}
+    for dotted, text in _split_overrides(overrides or []):
+        node = data
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            child = node.get(name)
+            if not isinstance(child, dict):
+                child = node[name] = {}
+            node = child
+        node[leaf] = text
+    return data
 
 
 def config_help(cls: type, *, prefix: str = "") -> str:

@@ -10,7 +10,8 @@ A tiny Qwen2-architecture model with a character tokenizer is built locally, the
 3. **DPO** on pairs (correct answer, the model's own wrong greedy answer).
 
 Each stage's held-out reward and accuracy (greedy decoding) before and after go to ``summary.json``, the
-GRPO reward curve to ``reward_curve.png``, both in ``--output-dir``; a summary table is printed.
+curves of the three stages (SFT loss, GRPO reward, DPO loss) to ``reward_curve.png``, both in
+``--output-dir``; a summary table is printed, and where the files are.
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ def _run(plan: DemoPlan, out: Path, *, quick: bool, seed: int, progress: bool) -
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(summary, out / "reward_curve.png")
     print(format_table(summary))
+    print(
+        f"wrote {out / 'summary.json'}, {out / 'reward_curve.png'} (the three stages' curves) and the final "
+        f"model {out / 'dpo' / 'final'}; per-stage metrics in {out}/<stage>/metrics.jsonl"
+    )
     return summary
 
 
@@ -238,22 +243,50 @@ def format_table(summary: dict) -> str:
 
 
 def plot_curves(summary: dict, path: Path) -> None:
+    """``curves_figure(summary)`` saved as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(summary)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(summary: dict):
+    """One panel per stage: the SFT loss, the GRPO rollout reward (with the held-out reward before and
+    after), the DPO loss; a title saying what ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    curve = summary["curves"]["grpo_reward"]
-    ax.plot(range(1, len(curve) + 1), curve, label="GRPO rollout reward")
-    for key, style, label in (("reward_before", ":", "SFT model"), ("reward_after", "--", "after GRPO")):
-        ax.axhline(summary["stages"]["grpo"][key], linestyle=style, color="gray", label=f"held-out, {label}")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("reward (max 2)")
-    ax.legend(fontsize=8)
+    curves, stages = summary["curves"], summary["stages"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    panels = (
+        ("sft", "sft_loss", "1. SFT on noisy demonstrations", "loss"),
+        ("grpo", "grpo_reward", "2. GRPO (partial + exact match)", "rollout reward (max 2)"),
+        ("dpo", "dpo_loss", "3. DPO on own mistakes", "loss"),
+    )
+    for ax, (stage, key, title, ylabel) in zip(axes, panels):
+        curve = curves[key]
+        ax.plot(range(1, len(curve) + 1), curve, label=ylabel)
+        st = stages[stage]
+        ax.set_title(
+            f"{title}\nheld-out reward {st['reward_before']:.2f} -> {st['reward_after']:.2f}", fontsize=9
+        )
+        ax.set_xlabel(f"{stage.upper()} step")
+        ax.set_ylabel(ylabel)
+    for key, style, label in (
+        ("reward_before", ":", "held-out, SFT model"),
+        ("reward_after", "--", "held-out, after"),
+    ):
+        axes[1].axhline(stages["grpo"][key], linestyle=style, color="gray", label=label)
+    axes[1].legend(fontsize=7)
+    kind = "quick run" if summary.get("quick") else "full run"
+    fig.suptitle(
+        f"fastrl demo: SFT -> GRPO -> DPO of a tiny model reversing strings ({kind}, seed {summary['seed']})"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:

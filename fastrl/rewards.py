@@ -1,10 +1,13 @@
 """Reward functions and group-normalised advantages for GRPO.
 
-A reward function is called as ``f(prompts=..., completions=..., completion_ids=..., **columns)`` where
-``columns`` are the dataset's other columns (one value per completion) and returns one float per completion,
-or None / NaN for "no reward" (e.g. a function that only judges some prompts). Functions are named by a
-built-in key (``exact_match``, ``partial_match``, ``numeric_match``, ``reverse_partial``...) or by
-``"module:function"``.
+A reward function is called as TRL's ``GRPOTrainer`` calls one, so TRL reward functions run unchanged:
+``f(prompts=..., completions=..., completion_ids=..., **columns)`` with ``columns`` the dataset's other
+columns (one value per completion); for conversational prompts each completion is
+``[{"role": "assistant", "content": text}]``, else the text. It returns one number per completion, or
+None / NaN for "no reward" (e.g. a function that only judges some prompts). TRL's extra keywords
+(``trainer_state``, ``log_extra``, ``log_metric``) are not passed. Functions are named by a built-in key
+(``exact_match``, ``partial_match``, ``numeric_match``), by ``"module:function"`` or
+``"path/to/file.py:function"``, or by TRL's dotted ``"module.function"``.
 
 Advantages (Shao et al. 2024, DeepSeekMath, eq. 3; Liu et al. 2025, Dr. GRPO, for ``scale_rewards="none"``):
 ``r_i = sum_f w_f r_{i,f}`` over the functions that scored completion i (NaN when none did),
@@ -15,12 +18,21 @@ An unscored completion gets ``A_i = 0``; a group whose rewards are all equal get
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
+import inspect
 import math
+import numbers
 import re
+import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from fastrl import FastRLWarning
 
 REWARDS: dict[str, Callable] = {}
 SCALE_REWARDS = ("group", "batch", "none")
@@ -76,28 +88,144 @@ def numeric_match(completions, answer, **_) -> list[float]:
     return out
 
 
-def resolve_reward(spec: str | Callable) -> Callable:
-    """A built-in reward by name, ``"package.module:function"``, or a callable as is."""
+class RewardError(ValueError, RuntimeError):
+    """A reward function that cannot be found, cannot be called as fastrl calls it, raised, or returned
+    something other than one number (or None) per completion. A user's error, so a ``ValueError`` (the CLI
+    prints it as one line); also a ``RuntimeError``, which these errors were before."""
+
+
+class RewardWarning(FastRLWarning):
+    """A reward function gave no reward to any completion of a round (warned once per function)."""
+
+
+_WARNED_NO_REWARD: set[str] = set()
+# What fastrl passes to every reward function besides the dataset's columns (TRL's convention).
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")
+
+
+def resolve_reward(spec: str | Callable, *, search: tuple[str | Path, ...] = ()) -> Callable:
+    """A built-in reward by name, ``"module:function"`` / ``"path/to/file.py:function"`` / TRL's dotted
+    ``"module.function"``, or a callable as is. A module that is not importable as it stands is looked for
+    in the working folder, then in each folder of ``search`` (the CLI passes the config file's folder), so
+    a ``rewards.py`` beside the config needs no ``PYTHONPATH``."""
     if callable(spec):
         return spec
-    if not isinstance(spec, str):
-        raise ValueError(f"reward function must be a name or 'module:function', got {spec!r}")
+    if not isinstance(spec, str) or not spec:
+        raise RewardError(f"reward function must be a name or 'module:function', got {spec!r}")
+    if spec in REWARDS:
+        return REWARDS[spec]
     if ":" in spec:
-        module, _, name = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward function {spec!r} could not be imported: {e}") from e
-        return fn
-    if spec not in REWARDS:
-        raise ValueError(
-            f"unknown reward function {spec!r}; built-ins are {sorted(REWARDS)}, or 'module:function'"
+        module, _, name = spec.rpartition(":")
+    elif "." in spec and not spec.endswith(".py"):
+        module, _, name = spec.rpartition(".")  # TRL's CLI form: my_rewards.accuracy
+    else:
+        close = difflib.get_close_matches(spec, list(REWARDS), n=2)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise RewardError(
+            f"unknown reward function {spec!r}; {hint}built-ins are {sorted(REWARDS)}, or give "
+            "'module:function'"
         )
-    return REWARDS[spec]
+    if not module or not name:
+        raise RewardError(f"reward function {spec!r} must look like 'module:function'")
+    folders = [Path.cwd(), *(Path(d) for d in search)]
+    mod = (
+        _import_file(spec, module, folders)
+        if module.endswith(".py")
+        else _import_module(spec, module, folders)
+    )
+    fn = getattr(mod, name, None)
+    if fn is None:
+        found = sorted(k for k, v in vars(mod).items() if callable(v) and not k.startswith("_"))
+        where = getattr(mod, "__file__", None) or module
+        raise RewardError(f"reward function {spec!r}: {where} has no {name!r}; it defines {found}")
+    if not callable(fn):
+        raise RewardError(f"reward function {spec!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _import_module(spec: str, module: str, folders: list[Path]):
+    top = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != top:
+            raise RewardError(f"reward function {spec!r}: importing {module!r} failed: {err}") from err
+    except Exception as err:  # the user's module itself is broken (SyntaxError, a failing import...)
+        raise RewardError(
+            f"reward function {spec!r}: importing {module!r} failed: {type(err).__name__}: {err}"
+        ) from err
+    for folder in folders:
+        if (folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file():
+            sys.path.insert(0, str(folder.resolve()))
+            return _import_module(spec, module, [])
+    looked = ", ".join(str(f) for f in dict.fromkeys(f.resolve() for f in folders))
+    raise RewardError(
+        f"reward function {spec!r}: no module {top!r} (looked on sys.path and in {looked or 'nothing else'})"
+    )
+
+
+def _import_file(spec: str, module: str, folders: list[Path]):
+    candidates = [Path(module).expanduser()] if Path(module).is_absolute() else [f / module for f in folders]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise RewardError(
+            f"reward function {spec!r}: no file {module!r} (looked for {[str(p) for p in candidates]})"
+        )
+    name = f"fastrl_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(loader_spec)
+    try:
+        loader_spec.loader.exec_module(mod)
+    except Exception as err:
+        raise RewardError(
+            f"reward function {spec!r}: running {str(path)!r} failed: {type(err).__name__}: {err}"
+        ) from err
+    sys.modules[name] = mod
+    return mod
 
 
 def reward_name(fn: Callable) -> str:
-    return getattr(fn, "__name__", type(fn).__name__)
+    inner = getattr(fn, "func", None)  # functools.partial
+    return getattr(fn, "__name__", None) or getattr(inner, "__name__", None) or type(fn).__name__
+
+
+def check_reward_signature(fn: Callable, columns: list[str]) -> None:
+    """Raise ``RewardError`` when ``fn`` cannot be called with ``prompts``, ``completions``,
+    ``completion_ids`` and the dataset's ``columns`` as keyword arguments (a parameter it needs that is none
+    of them, or one of them it does not take and no ``**kwargs``)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: nothing to check
+    given = set(REWARD_ARGUMENTS) | set(columns)
+    params = sig.parameters.values()
+    name = reward_name(fn)
+    needed = [
+        p.name
+        for p in params
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in given
+    ]
+    if needed or any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in params):
+        missing = needed or [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
+        raise RewardError(
+            f"reward function {name!r} needs {missing}, which are neither {list(REWARD_ARGUMENTS)} nor a "
+            f"dataset column (the dataset has {sorted(columns)})"
+        )
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        extra = sorted(given - {p.name for p in params})
+        if extra:
+            raise RewardError(
+                f"reward function {name!r} does not take {extra}, which fastrl passes as keywords "
+                f"({list(REWARD_ARGUMENTS)} and every dataset column, as TRL does); add **kwargs"
+            )
+
+
+def is_conversational(prompt) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
 def compute_rewards(
@@ -108,26 +236,85 @@ def compute_rewards(
     completion_ids: list[list[int]],
     columns: dict[str, list],
 ) -> torch.Tensor:
-    """[N, F] float32 rewards, NaN where a function gave None or NaN. A function that raises, or returns the
-    wrong number of values, fails with a ``RuntimeError`` naming it."""
+    """[N, F] float32 rewards, NaN where a function gave None or NaN.
+
+    Each function is called as TRL's ``GRPOTrainer`` calls it:
+    ``f(prompts=..., completions=..., completion_ids=..., **columns)``, where for conversational prompts
+    (lists of ``{"role", "content"}``) each completion is ``[{"role": "assistant", "content": text}]``.
+    A function that raises, or returns anything but one finite number or None per completion, fails with
+    a ``RewardError`` naming it; one that scores no completion of the round warns once (``RewardWarning``).
+    """
     n = len(completions)
+    if n and is_conversational(prompts[0]):
+        completions = [
+            [{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions
+        ]
     out = torch.full((n, len(funcs)), float("nan"))
     for j, fn in enumerate(funcs):
         name = reward_name(fn)
         try:
             values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         except Exception as e:
-            raise RuntimeError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
-        values = list(values) if values is not None else None
-        if values is None or len(values) != n:
-            got = "None" if values is None else f"{len(values)} values"
-            raise RuntimeError(
-                f"reward function {name!r} must return {n} values (one per completion), got {got}"
+            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+        for i, v in enumerate(_reward_values(name, values, n)):
+            out[i, j] = v
+        if n and torch.isnan(out[:, j]).all() and name not in _WARNED_NO_REWARD:
+            _WARNED_NO_REWARD.add(name)
+            warnings.warn(
+                f"reward function {name!r} gave no reward (None or NaN) to any of the {n} completions of "
+                "this round; completions no function scores get advantage 0 (warned once per function)",
+                RewardWarning,
+                stacklevel=2,
             )
-        for i, v in enumerate(values):
-            if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                out[i, j] = float(v)
     return out
+
+
+def _reward_values(name: str, values, n: int) -> list[float]:
+    """``values`` as n floats (NaN for None/NaN), or a ``RewardError`` saying what was expected."""
+    want = f"a list of {n} rewards (one number or None per completion)"
+    if isinstance(values, torch.Tensor) or hasattr(values, "tolist"):  # a tensor or a numpy array
+        values = values.tolist()
+    if (
+        values is None
+        or isinstance(values, (str, bytes, dict, numbers.Number))
+        or not hasattr(values, "__len__")
+    ):
+        got = "None" if values is None else f"a {type(values).__name__} ({values!r:.40})"
+        raise RewardError(f"reward function {name!r} must return {want}, got {got}")
+    values = list(values)
+    if len(values) != n:
+        raise RewardError(f"reward function {name!r} must return {want}, got {len(values)} values")
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(math.nan)
+            continue
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if not isinstance(v, numbers.Real):
+            raise RewardError(
+                f"reward function {name!r} must return numbers or None, got a {type(v).__name__} ({v!r:.40}) "
+                f"for completion {i}"
+            )
+        if math.isinf(v):
+            raise RewardError(
+                f"reward function {name!r} returned {float(v)} for completion {i}; rewards must be finite "
+                "(None or NaN mean 'no reward')"
+            )
+        out.append(float(v))
+    return out
+
+
+def reward_metrics(rewards_NF: torch.Tensor, funcs: list[Callable]) -> dict[str, float]:
+    """Per function: ``reward/<name>`` (mean over the completions it scored, NaN if none) and
+    ``reward/<name>/no_reward`` (how many completions it gave None or NaN)."""
+    metrics = {}
+    for j, fn in enumerate(funcs):
+        col, name = rewards_NF[:, j], reward_name(fn)
+        missing = torch.isnan(col)
+        metrics[f"reward/{name}"] = float(col[~missing].mean()) if (~missing).any() else math.nan
+        metrics[f"reward/{name}/no_reward"] = float(missing.sum())
+    return metrics
 
 
 def combine_rewards(rewards_NF: torch.Tensor, weights: list[float]) -> torch.Tensor:

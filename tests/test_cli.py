@@ -3,7 +3,6 @@ commands dispatch; errors exit with status 2 and a message naming the problem.""
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 from dataclasses import dataclass, field
@@ -33,7 +32,11 @@ def trainer(monkeypatch):
 
     def run_dummy(cfg):
         calls.append(cfg)
-        return {"loss": 0.5, "steps": cfg.steps}
+        return {
+            "step": cfg.steps,
+            "loss": 0.5,
+            "history": [{"step": i, "loss": 1.0} for i in range(cfg.steps)],
+        }
 
     module.DummyRunConfig, module.run_dummy, module.calls = DummyRunConfig, run_dummy, calls
     monkeypatch.setitem(sys.modules, "dummy_trainer", module)
@@ -42,12 +45,31 @@ def trainer(monkeypatch):
     return module
 
 
-def test_trainer_gets_yaml_plus_overrides_and_metrics_are_printed(trainer, tmp_path, capsys):
+def test_trainer_gets_yaml_plus_overrides_and_a_short_summary_is_printed(trainer, tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"steps": 5, "optim": {"lr": 0.1}}))
     assert cli.main(["sft", "--config", str(path), "--optim.lr", "3e-4"]) == 0
     assert trainer.calls == [DummyRunConfig(steps=5, optim=DummyOptim(lr=3e-4))]
-    assert json.loads(capsys.readouterr().out) == {"loss": 0.5, "steps": 5}
+    # Issue 9 item 6: the summary, not a JSON dump of the whole metrics history.
+    assert capsys.readouterr().out == "fastrl sft: done, 5 steps; final loss 0.5\n"
+
+
+def test_run_summary_names_the_export_and_the_metrics_file():
+    from fastrl.trainers.core import TrainConfig
+
+    cfg = types.SimpleNamespace(train=TrainConfig(output_dir="runs/x", export_final=True))
+    text = cli.run_summary("grpo", cfg, {"step": 1, "loss": 0.25, "reward": 1.5, "history": [{}] * 100})
+    assert text.splitlines() == [
+        "fastrl grpo: done, 1 step; final loss 0.25, reward 1.5",
+        "  model runs/x/final, metrics runs/x/metrics.jsonl",
+    ]
+
+
+def test_version(capsys):
+    from fastrl import __version__
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"fastrl {__version__}\n"
 
 
 def test_config_equals_form_and_save_config(trainer, tmp_path):
@@ -101,7 +123,7 @@ def test_user_errors_in_the_run_exit_1_with_one_line_not_a_traceback(trainer, mo
     monkeypatch.setattr(trainer, "run_dummy", failing(ValueError("dataset has no column 'prompt'")))
     assert cli.main(["sft", "--steps", "1"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == "fastrl sft: error: ValueError: dataset has no column 'prompt'"
+    assert err.strip() == "fastrl sft: error: dataset has no column 'prompt'"
     monkeypatch.setattr(trainer, "run_dummy", failing(FileNotFoundError(2, "No such file", "/no/model")))
     assert cli.main(["sft"]) == 1
     assert "fastrl sft: error: FileNotFoundError" in capsys.readouterr().err
@@ -109,6 +131,13 @@ def test_user_errors_in_the_run_exit_1_with_one_line_not_a_traceback(trainer, mo
     with pytest.raises(FileNotFoundError):
         cli.main(["sft"])
     monkeypatch.delenv("FASTRL_TRACEBACK")
+    monkeypatch.setenv("FASTRL_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["sft"])
+    monkeypatch.delenv("FASTRL_DEBUG")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["sft", "--debug"])
+    monkeypatch.delenv("FASTRL_DEBUG")  # --debug set it for the process
     monkeypatch.setattr(trainer, "run_dummy", failing(RuntimeError("internal bug")))
     with pytest.raises(RuntimeError, match="internal bug"):  # not a user error: the traceback stays
         cli.main(["sft"])
@@ -134,7 +163,7 @@ def test_bench_and_demo_user_errors_exit_non_zero(monkeypatch, capsys):
     demo.main = bad_demo
     monkeypatch.setitem(sys.modules, "fastrl.demo", demo)
     assert cli.main(["demo", "--steps", "0"]) == 1
-    assert "fastrl demo: error: ValueError: --steps must be positive" in capsys.readouterr().err
+    assert "fastrl demo: error: --steps must be positive" in capsys.readouterr().err
 
 
 def test_only_rank_zero_prints_under_torchrun(trainer, monkeypatch, capsys):
@@ -164,8 +193,19 @@ def test_usage_unknown_command_and_vllm_placeholder(capsys):
     assert cli.main(["--help"]) == 0
     assert cli.main(["train"]) == 2
     assert "unknown command 'train'" in capsys.readouterr().err
-    assert cli.main(["vllm-serve"]) == 2
-    assert "not available yet: needs the vllm extra" in capsys.readouterr().err
+    from fastrl.engine.base import VLLM_UNAVAILABLE
+
+    # Issue 9 item 10: `vllm-serve` (with or without --help) and `--engine.kind vllm` say the same thing.
+    for argv in (["vllm-serve"], ["vllm-serve", "--help"]):
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err == f"fastrl vllm-serve: {VLLM_UNAVAILABLE}\n"
+    from fastrl.engine import EngineConfig, build_engine
+
+    for kind in ("vllm", "vllm_server"):
+        cfg = EngineConfig(kind=kind, base_url="http://localhost:1")
+        with pytest.raises(ValueError) as err:
+            build_engine(cfg, None, None)
+        assert str(err.value) == f"engine.kind {kind!r}: {VLLM_UNAVAILABLE}"
 
 
 def test_real_run_configs_map_when_the_trainers_exist(capsys):

@@ -5,11 +5,28 @@ from __future__ import annotations
 
 import json
 
-from fastrl.demo import main
+from fastrl.demo import curves_figure, main
 
 
-def test_demo_quick(tmp_path):
+def test_demo_figure_shows_the_three_stages_with_a_title():
+    # Issue 9 item 6: the PNG used to show the GRPO curve alone, untitled.
+    stage = {"reward_before": 0.5, "reward_after": 1.0}
+    summary = {
+        "quick": True,
+        "seed": 0,
+        "stages": {"sft": stage, "grpo": stage, "dpo": stage},
+        "curves": {"sft_loss": [2.0, 1.0], "grpo_reward": [0.5, 0.7, 0.9], "dpo_loss": [0.7, 0.6]},
+    }
+    fig = curves_figure(summary)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 3 and [t.split(".")[0] for t in titles] == ["1", "2", "3"]
+    assert [len(ax.lines[0].get_ydata()) for ax in fig.axes] == [2, 3, 2]
+    assert "SFT -> GRPO -> DPO" in fig._suptitle.get_text()
+
+
+def test_demo_quick(tmp_path, capsys):
     summary = main(["--quick", "--output-dir", str(tmp_path), "--no-progress"])
+    assert f"wrote {tmp_path / 'summary.json'}" in capsys.readouterr().out  # says where its files are
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["stages"].keys() == {"sft", "grpo", "dpo"} == summary["stages"].keys()
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000

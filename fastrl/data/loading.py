@@ -1,13 +1,14 @@
 """Where training data comes from: a Hugging Face dataset by name, a local dataset directory, or a local
-JSON / JSONL / parquet file, all through ``datasets.load_dataset``; plus the column checks that name what is
-missing."""
+JSON / JSONL / CSV / parquet file, all through ``datasets.load_dataset``; plus the column checks that name
+what is missing."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+from fastrl.data.sources import LOCAL_FORMATS, check_data_file, check_dataset_source
 
 
 @dataclass(kw_only=True)
@@ -16,7 +17,7 @@ class DataConfig:
 
     dataset: str = field(
         default="",
-        metadata={"help": "Hugging Face dataset name, or a local .json/.jsonl/.parquet file or directory."},
+        metadata={"help": "Hugging Face dataset name, or a local .json/.jsonl/.csv/.parquet file or folder."},
     )
     dataset_config: str | None = field(
         default=None, metadata={"help": "Configuration (subset) name of a Hugging Face dataset."}
@@ -45,6 +46,8 @@ class DataConfig:
     )
 
     def __post_init__(self):
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"data.max_samples must be >= 1 or None, got {self.max_samples}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"data.padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -57,28 +60,49 @@ class DataConfig:
 
 
 def load_data(cfg: DataConfig):
-    """The ``datasets.Dataset`` that ``cfg`` names (local file, local directory or hub name)."""
+    """The ``datasets.Dataset`` that ``cfg`` names (local file, local directory or hub name). A local path
+    that does not exist, an empty or malformed file (with its line number) and a dataset without rows raise
+    ``ValueError`` naming ``data.dataset``."""
+    kind = check_dataset_source(cfg.dataset)
     import datasets
 
-    if not cfg.dataset:
-        raise ValueError("data.dataset must name a Hugging Face dataset or a local file, got ''")
-    path = Path(cfg.dataset)
-    if path.is_file():
-        kind = LOCAL_FORMATS.get(path.suffix.lower())
-        if kind is None:
+    path = Path(cfg.dataset).expanduser()
+    if kind == "file":
+        try:
+            builder = LOCAL_FORMATS[path.suffix.lower()]
+            with _no_bars(datasets):  # a local file reads in moments: its bar would be noise on stderr
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as err:  # datasets' errors do not say where; find the line, else pass its words on
+            check_data_file(path, limit=None)
+            cause = err.__cause__ or err
             raise ValueError(
-                f"data.dataset: local files must end in one of {sorted(LOCAL_FORMATS)}, got {path.name!r}"
-            )
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    elif path.is_dir() and (path / "dataset_info.json").exists():
+                f"data.dataset {str(path)!r} could not be read: {type(cause).__name__}: {cause}"
+            ) from err
+    elif kind == "dir" and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise ValueError(f"data.split {cfg.split!r} is not in {str(path)!r}; it has {sorted(ds)}")
             ds = ds[cfg.split]
     else:
-        ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
+        name = str(path) if kind == "dir" else cfg.dataset
+        ds = datasets.load_dataset(name, cfg.dataset_config, split=cfg.split)
+    if len(ds) == 0:
+        raise ValueError(f"data.dataset {cfg.dataset!r} (split {cfg.split!r}) has no rows")
     if cfg.max_samples is not None:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     return ds
+
+
+@contextlib.contextmanager
+def _no_bars(datasets):
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
 
 
 def require_columns(ds, required: list[str | tuple[str, ...]], *, task: str) -> None:
@@ -92,3 +116,17 @@ def require_columns(ds, required: list[str | tuple[str, ...]], *, task: str) -> 
             raise ValueError(
                 f"{task} dataset is missing the column {wanted}; it has columns {sorted(columns)}"
             )
+
+
+def check_kept(kept: int, total: int, *, task: str, why: str) -> None:
+    """After dropping examples: ``ValueError`` when none is left, a warning saying how many went when some
+    did (``why``: the reason, naming the limit)."""
+    if kept == 0:
+        raise ValueError(f"all {total} {task} examples were dropped: {why}; raise the limit or shorten them")
+    if kept < total:
+        import warnings
+
+        from fastrl import FastRLWarning
+
+        message = f"{total - kept} of {total} {task} examples were dropped: {why}"
+        warnings.warn(message, FastRLWarning, stacklevel=2)

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 ENGINE_KINDS = ("hf", "vllm", "vllm_server")
+# The one wording of "no vLLM yet", shared by `--engine.kind vllm`/`vllm_server` and `fastrl vllm-serve`.
+VLLM_UNAVAILABLE = (
+    "the vLLM engines and `fastrl vllm-serve` are not in this fastrl release yet (they will need the vllm "
+    "extra, pip install 'fastrl[vllm]'); use engine.kind 'hf'"
+)
 
 
 def _is_int(x) -> bool:
@@ -170,7 +175,4 @@ def build_engine(cfg: EngineConfig, model: nn.Module, tokenizer) -> Engine:
         from fastrl.engine.hf import HFEngine
 
         return HFEngine(model, tokenizer, cfg)
-    raise ValueError(
-        f"engine kind {cfg.kind!r} needs the vllm extra (pip install 'fastrl[vllm]') and arrives in a later "
-        "fastrl release; use kind='hf'"
-    )
+    raise ValueError(f"engine.kind {cfg.kind!r}: {VLLM_UNAVAILABLE}")

@@ -81,6 +81,14 @@ def _check_attention(cfg: ModelConfig, device: torch.device) -> None:
         raise ValueError("attn_implementation='flash_attention_2' needs torch_dtype bfloat16 or float16")
 
 
+def check_sources(cfg: ModelConfig) -> None:
+    """A missing local path, a folder without config/weights/tokenizer files, or an uncached Hub id while
+    the Hub is unreachable: ``ValueError`` at once instead of a Hub lookup with a minute of retries."""
+    from fastrl.models.files import check_model_source
+
+    check_model_source(cfg.name_or_path, cfg.tokenizer_name_or_path)
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer with a pad token (the EOS token when it has none) and left padding for generation."""
     tokenizer = AutoTokenizer.from_pretrained(
@@ -108,6 +116,7 @@ def load_model_and_tokenizer(
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     cfg.validate()
+    check_sources(cfg)
     device = torch.device(device)
     _check_attention(cfg, device)
     tokenizer = load_tokenizer(cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -75,7 +76,19 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, peft_cfg)
+    return get_peft_model(model, peft_cfg)
+
+
+def get_peft_model(model: nn.Module, peft_cfg) -> nn.Module:
+    """``peft.get_peft_model`` without its deprecation warning. PEFT 0.21 reads
+    ``model.is_gradient_checkpointing`` in ``PeftModel.__init__``, a property transformers 5 deprecated (a
+    FutureWarning on every LoRA run). The read is PEFT's, not ours, so the one fix open to us is to silence
+    exactly that warning for exactly this call."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, peft_cfg)
 
 
 @contextlib.contextmanager

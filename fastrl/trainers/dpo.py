@@ -60,6 +60,12 @@ class DPOConfig:
     )
     chunk_size: int | None = field(default=None, metadata={"help": "Tokens per fused log-prob chunk."})
 
+    def __post_init__(self):
+        # A typo'd loss_type or option fails when the config is read, before any model loads.
+        from fastrl.losses.dpo import validate_dpo_options
+
+        validate_dpo_options(self.beta, self.loss_type, self.label_smoothing, dict(self.loss_options))
+
 
 @dataclass(kw_only=True)
 class DPORunConfig(RunConfig):

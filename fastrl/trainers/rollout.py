@@ -13,7 +13,7 @@ import math
 import torch
 
 from fastrl.data import collate_prompt_completion
-from fastrl.rewards import combine_rewards, compute_rewards, group_advantages, reward_name
+from fastrl.rewards import combine_rewards, compute_rewards, group_advantages, reward_metrics
 
 
 def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
@@ -188,7 +188,5 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
             "truncated_frac": float(truncated.float().mean()),
         }
     )
-    for j, fn in enumerate(trainer.reward_funcs):
-        col = rewards_NF[:, j]
-        metrics[f"reward/{reward_name(fn)}"] = float(torch.nanmean(col)) if (~col.isnan()).any() else math.nan
+    metrics.update(reward_metrics(rewards_NF, trainer.reward_funcs))  # per function, None/NaN counted
     return micro, metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastrl.data import DataConfig, collate_lm, collate_packed, sft_example
+from fastrl.data.loading import check_kept
 from fastrl.data.sampler import ShardedSampler
 from fastrl.distributed.env import dist_info
 from fastrl.models.policy import as_policy
@@ -81,6 +82,8 @@ def tokenize_sft(dataset, tokenizer, data: DataConfig, sft: SFTConfig) -> list[d
         )
         if any(enc["loss_mask"][1:]):  # the first token is never predicted
             out.append(enc)
+    why = f"no loss token left within data.max_length={data.max_length}"
+    check_kept(len(out), len(dataset), task="SFT", why=why)
     return out
 
 

@@ -60,6 +60,16 @@ def test_adapter_gradients(tokenizer, seed):
         assert (p.grad is not None) == p.requires_grad, name
 
 
+def test_apply_lora_raises_no_deprecation_warning(tokenizer):
+    # Issue 9 item 6: PEFT's get_peft_model read transformers' deprecated `is_gradient_checkpointing`.
+    import warnings
+
+    model = build_tiny_model(tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, LoraConfig(enabled=True))
+
+
 def test_disabled_config_returns_the_model(tokenizer):
     model = build_tiny_model(tokenizer)
     assert apply_lora(model, LoraConfig()) is model

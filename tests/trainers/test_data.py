@@ -4,6 +4,7 @@ padding, packing and the resumable sampler."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -48,10 +49,12 @@ def test_load_local_files(tmp_path, suffix):
 
 
 def test_load_errors(tmp_path):
-    bad = tmp_path / "data.csv"
-    bad.write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="data.dataset"):
+    bad = tmp_path / "data.tsv"
+    bad.write_text("a\tb\n1\t2\n")
+    with pytest.raises(ValueError, match="data.dataset.*must end in one of"):
         load_data(DataConfig(dataset=str(bad)))
+    with pytest.raises(ValueError, match="max_samples"):
+        DataConfig(max_samples=0)
     with pytest.raises(ValueError, match="data.dataset"):
         load_data(DataConfig(dataset=""))
     with pytest.raises(ValueError, match="padding_side"):
@@ -183,3 +186,140 @@ def test_sampler_epochs_and_resume(seed):
     with pytest.raises(ValueError, match="empty"):
         EpochSampler(0, 2, seed=0)
     assert torch.tensor(flat).max() < 7
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 9 item 4: a bad data source is one clear ValueError, with the line number where there is one.
+
+
+def test_csv_loads(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\n"a, b",c\nd,e\n')
+    ds = load_data(DataConfig(dataset=str(path)))
+    assert ds.column_names == ["prompt", "completion"] and ds[0] == {"prompt": "a, b", "completion": "c"}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("e.jsonl", b"", r"is empty \(0 bytes\)"),
+        ("blank.jsonl", b"\n  \n", r"has no records \(only blank lines\)"),
+        ("m.jsonl", b'{"a": 1}\n{"a": 2}\n{"a" 3}\n', r"line 3: not valid JSON \(Expecting ':' delimiter"),
+        ("l.jsonl", b'{"a": 1}\n[1, 2]\n', r"line 2: each JSON Lines record must be an object"),
+        ("u.jsonl", b'{"a": 1}\n{"a": "\xff"}\n', r"line 2: not UTF-8 text"),
+        ("d.json", b'[{"a": 1},\n {"a": 2,}]', r"line 2: not valid JSON"),
+        ("n.json", b"[]", r"has no records \(an empty list\)"),
+        ("s.json", b'"text"', r"line 1: each JSON Lines record must be an object"),
+        ("c.json", b'{"a": [1, 2], "b": [1]}', r"columns have different lengths \[1, 2\]"),
+        ("h.csv", b"a,b\n", r"has a header but no rows"),
+        ("f.csv", b"a,b\n1,2\n3,4,5\n", r"line 3: 3 fields, the header has 2"),
+        ("q.csv", b'a,b\n"1,2\n', r"line \d+: "),
+        ("p.parquet", b"PAR1 not really", r"is not a parquet file"),
+        ("x.parquet", b"PAR1" + b"\0" * 16 + b"PAR1", r"is not a readable parquet file"),
+    ],
+)
+def test_bad_local_files_are_named_with_their_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"data.dataset '.*" + name + "'.* ?" + message):
+        load_data(DataConfig(dataset=str(path)))
+
+
+def test_json_lines_in_a_json_file_and_a_columns_document(tmp_path):
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"a": 1}\n{"a": 2}\n')
+    assert len(load_data(DataConfig(dataset=str(lines)))) == 2
+    cols = tmp_path / "cols.json"
+    cols.write_text('{"data": [{"a": 1}, {"a": 2}, {"a": 3}]}')
+    from fastrl.data.sources import check_data_file
+
+    check_data_file(cols)  # {"data": [...]}: one list of records under a single key
+
+
+def test_empty_parquet_and_folders(tmp_path):
+    import datasets
+
+    empty = tmp_path / "e.parquet"
+    datasets.Dataset.from_dict({"a": []}).to_parquet(str(empty))
+    with pytest.raises(ValueError, match="has no rows"):
+        load_data(DataConfig(dataset=str(empty)))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.md").write_text("hi")
+    with pytest.raises(ValueError, match="is a folder without data files"):
+        load_data(DataConfig(dataset=str(folder)))
+    (folder / "train.jsonl").write_text('{"a": 1}\n')
+    assert len(load_data(DataConfig(dataset=str(folder)))) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["./missing.jsonl", "missing.jsonl", "/no/such/dir", "data/train/x", "~/nope"]
+)
+def test_a_local_looking_path_that_does_not_exist_is_missing_at_once(name):
+    with pytest.raises(ValueError, match=r"data.dataset '.*': no such file or folder"):
+        load_data(DataConfig(dataset=name))
+
+
+def test_an_uncached_hub_id_fails_fast_when_the_hub_is_unreachable(tmp_path, monkeypatch):
+    import time
+
+    from fastrl import _hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub.hub_unreachable.cache_clear()
+    t0 = time.perf_counter()
+    with pytest.raises(
+        ValueError, match=r"data.dataset 'someorg/nothing' is not a local path and not in the Hugging"
+    ):
+        load_data(DataConfig(dataset="someorg/nothing"))
+    assert time.perf_counter() - t0 < 5  # not a minute of retries
+    cached = tmp_path / "hf" / "hub" / "datasets--someorg--cached" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    _hub.check_hub_id("data.dataset", "someorg/cached", "dataset")  # cached: allowed, offline
+    _hub.hub_unreachable.cache_clear()
+
+
+def test_hub_id_rules():
+    from fastrl._hub import is_hub_id, looks_local
+
+    assert is_hub_id("Qwen/Qwen2.5-0.5B") and is_hub_id("gpt2") and is_hub_id("org/x.y_z")
+    assert (
+        not is_hub_id("a/b/c") and not is_hub_id("a--b/c") and not is_hub_id("./x") and not is_hub_id("x y")
+    )
+    assert looks_local("x.jsonl", (".jsonl",)) and looks_local("../x") and not looks_local("org/name")
+
+
+def test_check_kept_says_how_many_and_why():
+    from fastrl import FastRLWarning
+    from fastrl.data.loading import check_kept
+
+    with pytest.raises(ValueError, match=r"all 7 SFT examples were dropped: too long"):
+        check_kept(0, 7, task="SFT", why="too long")
+    with pytest.warns(FastRLWarning, match=r"3 of 7 SFT examples were dropped: too long"):
+        check_kept(4, 7, task="SFT", why="too long")
+
+
+def test_an_unreachable_hub_is_probed_once_and_a_cached_id_goes_offline(tmp_path, monkeypatch):
+    from fastrl import _hub
+
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    _hub.hub_unreachable.cache_clear()
+    import sys
+
+    for name in ("huggingface_hub.constants", "datasets.config"):  # go_offline flips them: restore after
+        if name in sys.modules:
+            monkeypatch.setattr(sys.modules[name], "HF_HUB_OFFLINE", sys.modules[name].HF_HUB_OFFLINE)
+    try:
+        assert "127.0.0.1 cannot be reached" in _hub.hub_unreachable()
+        (tmp_path / "hub" / "models--org--m" / "snapshots" / "x").mkdir(parents=True)
+        _hub.check_hub_id("model.name_or_path", "org/m", "model")
+        assert os.environ["HF_HUB_OFFLINE"] == "1"  # cached: read from the cache without any request
+        with pytest.raises(ValueError, match="model.name_or_path 'org/other' is not a local path"):
+            _hub.check_hub_id("model.name_or_path", "org/other", "model")
+    finally:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        _hub.hub_unreachable.cache_clear()
