@@ -258,6 +258,19 @@ _library_format = warnings.formatwarning
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastrl`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a training loop installed its own handler (which saves a checkpoint and says how to
+        # resume): nothing was written by this run yet, so one line and the shell's usual 130.
+        if os.environ.get("FASTRL_DEBUG") == "1":
+            raise
+        command = argv[0] if argv and not argv[0].startswith("-") else ""
+        _say(f"fastrl{' ' + command if command else ''}: interrupted before training started", err=True)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if "--debug" in argv:
         argv.remove("--debug")
         os.environ["FASTRL_DEBUG"] = "1"

@@ -221,3 +221,17 @@ def test_real_run_configs_map_when_the_trainers_exist(capsys):
         from fastrl.config import load_config
 
         assert load_config(cls, None, []) == cls(), f"{command}: defaults change through the mapping"
+
+
+def test_ctrl_c_before_training_is_one_line_and_130(monkeypatch, capsys):
+    # Ctrl-C while the model or data loads, before the loop's own handler exists: no traceback.
+    import fastrl.cli as cli
+
+    def interrupted(command, argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_trainer", interrupted)
+    monkeypatch.delenv("FASTRL_DEBUG", raising=False)
+    assert cli.main(["sft", "--config", "x.yaml"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fastrl sft: interrupted before training started"]
