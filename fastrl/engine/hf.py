@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from fastrl.engine._kv import growing_cache
 from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams
 from fastrl.engine.sampling import sample_next
 from fastrl.models.heads import causal_lm
@@ -245,8 +246,11 @@ class HFEngine(Engine):
             mask_U[i, P - len(p) :] = 1
         input_ids, mask_U = input_ids.to(device), mask_U.to(device)
         position_ids = (mask_U[:, :P].cumsum(-1) - 1).clamp(min=0)
+        # Eager decoding grows a preallocated cache (no per-step copy of it, see fastrl.engine._kv); the
+        # static path copies the prefill out of a plain one.
+        prefill_cache = None if static else growing_cache(lm.config, P + steps)
         logits_U, cache = self._forward(
-            lm, None, input_ids=input_ids, attention_mask=mask_U[:, :P], position_ids=position_ids
+            lm, prefill_cache, input_ids=input_ids, attention_mask=mask_U[:, :P], position_ids=position_ids
         )
         # Decode rows: the n completions, plus (static) dummy rows up to a power-of-two bucket. `row_of`
         # maps a decode row to its completion; dummies map to n, a scratch row of the outputs.
