@@ -42,7 +42,12 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
-from fastrl.engine._kv import growing_cache
+from fastrl.engine._kv import (
+    SHARED_PREFIX_ATTENTION,
+    SharedPrefixCache,
+    growing_cache,
+    register_shared_prefix_attention,
+)
 from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams
 from fastrl.engine.sampling import sample_next
 from fastrl.models.heads import causal_lm
@@ -190,6 +195,38 @@ class HFEngine(Engine):
         )
         return out.logits[:, -1]
 
+    @staticmethod
+    def _shared_attention_ok(lm) -> bool:
+        """Shared-prefix attention serves plain full-attention decoders only (Qwen2, Llama, ...)."""
+        cfg = lm.config
+        types_ = getattr(cfg, "layer_types", None) or ["full_attention"]
+        return (
+            cfg._attn_implementation in ("sdpa", "eager")
+            and all(t == "full_attention" for t in types_)
+            and not getattr(cfg, "use_sliding_window", False)
+        )
+
+    def _shared_decode(self, lm, cache, input_ids, position_ids) -> torch.Tensor:
+        """One eager decode step whose attention reads each shared prompt once (fastrl.engine._kv). The
+        mask mapping given as a dict skips transformers' mask building (the attention masks the prompt
+        padding itself); the attention implementation is switched for this forward only."""
+        register_shared_prefix_attention()
+        saved = lm.config._attn_implementation
+        lm.config._attn_implementation = SHARED_PREFIX_ATTENTION
+        try:
+            out = lm(
+                input_ids=input_ids,
+                attention_mask={"full_attention": None},
+                position_ids=position_ids,
+                use_cache=True,
+                fastrl_shared=cache,
+                **{self._cache_arg: cache},
+                **({"logits_to_keep": 1} if self._keep_last_only else {}),
+            )
+        finally:
+            lm.config._attn_implementation = saved
+        return out.logits[:, -1]
+
     def _decode_fn(self):
         if not self.cfg.compile:
             return self._decode_step
@@ -265,8 +302,12 @@ class HFEngine(Engine):
             layers_kv = [(layer.keys, layer.values) for layer in cache.layers]
             cache = self._fill_static(lm, B, L, layers_kv, src_B, P)
             del layers_kv
+        elif n > U and self._shared_attention_ok(lm):
+            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+            cache = SharedPrefixCache(prefix_kv, mask_U[:, :P], src.tolist(), capacity=steps)
         elif n > U:
             cache.batch_select_indices(src_B)
+        shared = isinstance(cache, SharedPrefixCache)
         decode = self._decode_fn() if static else None
         cuda_graphs = static and cfg.compile and device.type == "cuda"
 
@@ -309,6 +350,8 @@ class HFEngine(Engine):
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 logits = decode(lm, cache, tok[:, None], mask, next_pos)
+            elif shared:
+                logits = self._shared_decode(lm, cache, tok[:, None], next_pos)
             else:
                 logits, cache = self._forward(
                     lm,

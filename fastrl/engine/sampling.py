@@ -84,7 +84,8 @@ def sample_next(
     generator: torch.Generator | None = None,
     uniform_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row; returns ``(tokens_B int64, logp_B fp32)``. ``logits_BV`` is not modified.
+    """Draw one token per row; returns ``(tokens_B int64, logp_B fp32)``. ``logits_BV`` is not modified;
+    the arithmetic is fp32 (fp64 for fp64 logits).
 
     ``temperature > 0``: ``tokens ~ q = softmax(filter_logits(logits / temperature, top_k, top_p))`` by
     inverting each row's CDF at ``uniform_B`` (drawn from ``generator``, or torch's global RNG, when None),
@@ -99,8 +100,9 @@ def sample_next(
     B, V = logits_BV.shape
     if temperature == 0:
         tokens_B = logits_BV.argmax(dim=-1)
-        x_B = logits_BV.gather(-1, tokens_B[:, None]).squeeze(-1).float()
-        return tokens_B, x_B - torch.logsumexp(logits_BV.float(), dim=-1)
+        work = torch.promote_types(logits_BV.dtype, torch.float32)
+        x_B = logits_BV.gather(-1, tokens_B[:, None]).squeeze(-1).to(work)
+        return tokens_B, (x_B - torch.logsumexp(logits_BV.to(work), dim=-1)).float()
     if uniform_B is None:
         uniform_B = torch.rand(B, generator=generator, device=logits_BV.device)
     top_k = top_k if 0 < top_k < V else 0
@@ -111,7 +113,8 @@ def sample_next(
     else:
         vals_BK, order_BK = logits_BV, None
     # The one full-vocabulary copy (none under top-k); everything after it works in place.
-    x_BK = vals_BK.float().div_(temperature) if order_BK is not None else vals_BK.float() / temperature
+    work = torch.promote_types(logits_BV.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
+    x_BK = vals_BK.to(work).div_(temperature) if order_BK is not None else vals_BK.to(work) / temperature
     # x_BK's row maximum: its first entry when sorted, else a reduction.
     max_B1 = x_BK[:, :1].clone() if order_BK is not None else x_BK.amax(-1, keepdim=True)
     # Gather the drawn token's scaled logit later from the source (x_BK is overwritten now).
@@ -125,5 +128,5 @@ def sample_next(
         cdf_BK.cumsum_(-1)
         idx_B = _draw(cdf_BK, cdf_BK[:, -1:], uniform_B)
     tokens_B = idx_B if order_BK is None else order_BK.gather(-1, idx_B[:, None]).squeeze(-1)
-    x_B = logits_BV.gather(-1, tokens_B[:, None]).squeeze(-1).float() / temperature
-    return tokens_B, x_B - max_B1.squeeze(-1) - kept_B1.squeeze(-1).log()
+    x_B = logits_BV.gather(-1, tokens_B[:, None]).squeeze(-1).to(work) / temperature
+    return tokens_B, (x_B - max_B1.squeeze(-1) - kept_B1.squeeze(-1).log()).float()
