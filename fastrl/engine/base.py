@@ -74,9 +74,11 @@ class GenerationOutput:
     """One entry per prompt, in prompt order.
 
     ``completion_ids[i]``: the generated tokens, no padding, ending with the EOS/stop token when one was
-    generated. ``logprobs[i][t]``: the engine's log-probability of ``completion_ids[i][t]`` under
-    ``log_softmax(logits / temperature)`` of the full vocabulary (before top-k/top-p; ``temperature``
-    taken as 1 for greedy). ``truncated[i]``: no EOS/stop token within ``max_new_tokens``.
+    generated. ``logprobs[i][t]``: the log-probability of ``completion_ids[i][t]`` under the distribution
+    it was sampled from, ``log softmax(filter(logits / temperature))[token]`` with top-k, then top-p
+    applied and the kept tokens renormalised (``SamplingParams``); without top-k/top-p that is the full
+    temperature-scaled softmax. Greedy (``temperature == 0``): ``log_softmax(logits)[token]`` at
+    temperature 1, full vocabulary. ``truncated[i]``: no EOS/stop token within ``max_new_tokens``.
     """
 
     completion_ids: list[list[int]]

@@ -18,7 +18,14 @@ most ``max_batch_size`` rows. Per micro-batch:
    dynamic cache keeps only the live rows, the static cache moves them into a cache of the next smaller
    power-of-two batch (so the compiled decode sees at most log2(max_batch_size) + 1 batch shapes).
 
-The dynamic cache grows by one position per step and works everywhere. ``use_static_cache`` preallocates
+The eager path (``use_static_cache=False``) keeps its KV cache in buffers preallocated for prompt + new
+tokens, written in place (``fastrl.engine._kv.growing_cache``; transformers' ``DynamicCache`` copies the
+whole cache every step). When prompts are shared (and the model is a plain full-attention decoder on
+``sdpa``/``eager`` attention), the decode steps use ``fastrl.engine._kv.SharedPrefixCache`` and its
+attention: the prompt's keys/values are stored once per prompt and read once per step for all the
+group's rows (batched matrix products over ``[prompt, rows of the group]`` slots), each row's own
+generated positions apart; the two score blocks share one softmax, so the result is exact attention.
+It is a decode-time implementation switch only (``config._attn_implementation`` for the forward). ``use_static_cache`` preallocates
 ``transformers.StaticCache``s of a fixed shape (batch rounded up to a power of two, length rounded up to
 ``cache_length_multiple``) with a fixed-size attention mask, so every decode step of a bucket has the
 same shapes; the caches are kept and reused across calls. ``compile`` runs the decode step through
