@@ -8,7 +8,8 @@ most ``max_batch_size`` rows. Per micro-batch:
    the trainer repeats each prompt G times in a row) are prefilled once: the U distinct prompts are
    left-padded (position ids count real tokens only, ``cumsum(mask) - 1``) and run through the model,
    keeping the last position's logits; the KV cache rows are then copied to the group's rows
-   (``index_select``) and every row samples its first token from its prompt's logits. Off with
+   (``index_select``; the eager path keeps them once, below) and every row samples its first token from
+   its prompt's logits. Off with
    ``share_prompt_prefill=False``: one prefill row per completion (same tokens, U times the prefill work).
 2. **Decode.** Sample (``fastrl.engine.sampling.sample_next``), record, feed the token. Every row draws
    from its own uniform number per step, taken in micro-batch row order, so a row's completion does not
@@ -25,15 +26,17 @@ whole cache every step). When prompts are shared (and the model is a plain full-
 attention: the prompt's keys/values are stored once per prompt and read once per step for all the
 group's rows (batched matrix products over ``[prompt, rows of the group]`` slots), each row's own
 generated positions apart; the two score blocks share one softmax, so the result is exact attention.
-It is a decode-time implementation switch only (``config._attn_implementation`` for the forward). ``use_static_cache`` preallocates
-``transformers.StaticCache``s of a fixed shape (batch rounded up to a power of two, length rounded up to
-``cache_length_multiple``) with a fixed-size attention mask, so every decode step of a bucket has the
-same shapes; the caches are kept and reused across calls. ``compile`` runs the decode step through
-``torch.compile`` (``fullgraph``, ``dynamic=False``; mode ``reduce-overhead``: CUDA graphs on GPUs): one
-graph per (batch bucket, cache length), reused across decode steps and rounds. The graph reads the live
-parameters, so in-place optimizer steps need no recompilation. It cannot serve FSDP-sharded models
-(their parameters are gathered into new buffers by hooks on every forward): ``generate`` refuses
-``compile`` on a model holding an ``FSDPModule`` with a ``ValueError`` (use the eager static cache).
+It is a decode-time implementation switch only (``config._attn_implementation`` for the forward).
+
+``use_static_cache`` preallocates ``transformers.StaticCache``s of a fixed shape (batch rounded up to a
+power of two, length rounded up to ``cache_length_multiple``) with a fixed-size attention mask, so every
+decode step of a bucket has the same shapes; the caches are kept and reused across calls. ``compile`` runs
+the decode step through ``torch.compile`` (``fullgraph``, ``dynamic=False``; mode ``reduce-overhead``:
+CUDA graphs on GPUs): one graph per (batch bucket, cache length), reused across decode steps and rounds.
+The graph reads the live parameters, so in-place optimizer steps need no recompilation. It cannot serve
+FSDP-sharded models (their parameters are gathered into new buffers by hooks on every forward):
+``generate`` refuses ``compile`` on a model holding an ``FSDPModule`` with a ``ValueError`` (use the eager
+static cache).
 
 Log-probs (the contract of ``GenerationOutput``): each token's log-prob under the distribution it was
 sampled from (temperature, top-k, top-p applied, renormalised over the kept tokens). Greedy
