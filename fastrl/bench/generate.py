@@ -24,8 +24,10 @@ Early stops, made the same on both sides (a random-init model rarely ends by its
 
 tokens/s: completion tokens produced (each row up to and including its stop token; prompts not counted)
 over the wall time of the call, median of the timed runs. Each side counts its own tokens (sampling is
-random, so the counts differ slightly under early stops). Extra MiB: the harness's peak during one call
-(CUDA max allocated; on the CPU the profiler's allocation events), weights excluded.
+random, so the counts differ slightly under early stops). Extra MiB: peak during one call beyond what was
+allocated before it (weights excluded): CUDA max allocated; on the CPU the growth of the process's
+resident set (``VmHWM`` after the call, reset through ``/proc/self/clear_refs``, minus ``VmRSS`` before),
+the largest over the calls; memory the allocator kept from an earlier call is not counted again.
 Floor (``no early stop``): ``new`` decode steps that each read every weight once, parameter bytes /
 measured memory bandwidth per step; the note gives the measured decode step (from a 1-token call and the
 full call: ``(t_full - t_one) / (new - 1)``) against that per-step floor.
@@ -118,6 +120,21 @@ def _useful_tokens(rows: list[list[int]], stops: set[int]) -> int:
     return total
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _rss_reset() -> int | None:
+    """Reset the resident-set high-water mark to the current RSS (Linux); that RSS in KiB, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS")
+    except (OSError, StopIteration):
+        return None
+
+
 class _Timed:
     """A harness step that also times each call and counts its tokens; ``report()`` gives tokens/s of the
     timed calls (the last ``repeats``), the ratio to the baseline and the decode step's time."""
@@ -132,10 +149,13 @@ class _Timed:
 
     def __call__(self) -> None:
         synchronize(self.device)
+        base = _rss_reset() if self.device.type == "cpu" else None
         t0 = time.perf_counter()
         tokens = self.run()
         synchronize(self.device)
         self.calls.append((tokens, time.perf_counter() - t0))
+        if base is not None:
+            self.peak_mib = max(getattr(self, "peak_mib", 0.0), (_status_kib("VmHWM") - base) / 1024)
 
     def report(self) -> dict[str, Any]:
         timed = self.calls[-self.repeats :]
@@ -157,7 +177,10 @@ class _Timed:
             full = statistics.median(s for _, s in timed)
             step_ms = max(full - statistics.median(one), 0.0) / max(self.new_tokens - 1, 1) * 1e3
             note.append(f"decode step {step_ms:.3g} ms = {step_ms / self.floor_ms:.1f}x weight-read floor")
-        return {"note": "; ".join(note)}
+        out = {"note": "; ".join(note)}
+        if getattr(self, "peak_mib", None) is not None:
+            out["extra_mib"] = self.peak_mib
+        return out
 
 
 def _generate_method(s: Shape, ctx: BenchContext, case: str, *, early: bool) -> Method:
@@ -285,6 +308,9 @@ def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
                 },  # fmt: skip
                 make_inputs=make_inputs,
                 methods=methods,
+                # CPU: the profiler's event replay is far too slow for whole generate calls; the step
+                # reports the resident-set growth instead (see the module docstring).
+                measure_memory=ctx.device.type == "cuda",
                 floor_ms=None if early else floor,
                 floor_note=f"{s.new_tokens} decode steps x {n_weights / 2**20:,.0f} MiB of weights read once",
             )
