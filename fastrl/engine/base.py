@@ -79,9 +79,11 @@ class GenerationOutput:
     """One entry per prompt, in prompt order.
 
     ``completion_ids[i]``: the generated tokens, no padding, ending with the EOS/stop token when one was
-    generated. ``logprobs[i][t]``: the engine's log-probability of ``completion_ids[i][t]`` under
-    ``log_softmax(logits / temperature)`` of the full vocabulary (before top-k/top-p; ``temperature``
-    taken as 1 for greedy). ``truncated[i]``: no EOS/stop token within ``max_new_tokens``.
+    generated. ``logprobs[i][t]``: the log-probability of ``completion_ids[i][t]`` under the distribution
+    it was sampled from, ``log softmax(filter(logits / temperature))[token]`` with top-k, then top-p
+    applied and the kept tokens renormalised (``SamplingParams``); without top-k/top-p that is the full
+    temperature-scaled softmax. Greedy (``temperature == 0``): ``log_softmax(logits)[token]`` at
+    temperature 1, full vocabulary. ``truncated[i]``: no EOS/stop token within ``max_new_tokens``.
     """
 
     completion_ids: list[list[int]]
@@ -144,6 +146,23 @@ class EngineConfig:
     base_url: str | None = field(
         default=None, metadata={"help": "URL of a running `fastrl vllm-serve` (vllm_server)."}
     )
+    # -- hf engine decode options (fastrl/engine/hf.py) --
+    share_prompt_prefill: bool = field(
+        default=True,
+        metadata={
+            "help": "Prefill each run of identical consecutive prompts once and copy its KV cache (hf)."
+        },
+    )
+    check_every: int = field(
+        default=8,
+        metadata={"help": "Decode steps between host checks for finished rows (one device sync each) (hf)."},
+    )
+    compact_finished: bool = field(
+        default=True, metadata={"help": "At each check, finished rows leave the decode batch (hf)."}
+    )
+    compile_backend: str = field(
+        default="inductor", metadata={"help": "torch.compile backend of the decode step (hf, with compile)."}
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in ENGINE_KINDS:
@@ -163,6 +182,15 @@ class EngineConfig:
             raise ValueError(f"compile_mode must be a torch.compile mode name, got {self.compile_mode!r}")
         if not _is_number(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not _is_int(self.check_every) or self.check_every <= 0:
+            raise ValueError(f"check_every must be a positive int, got {self.check_every!r}")
+        for name in ("share_prompt_prefill", "compact_finished"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ValueError(
+                f"compile_backend must be a torch.compile backend name, got {self.compile_backend!r}"
+            )
         if self.kind == "vllm_server" and not self.base_url:
             raise ValueError("kind='vllm_server' needs base_url (the server's http://host:port)")
 

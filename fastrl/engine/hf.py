@@ -1,21 +1,46 @@
 """The embedded engine: batched KV-cache generation straight from the training model.
 
 No weight copy exists, so ``sync_weights`` has nothing to do: the next ``generate`` reads the parameters
-the optimizer just updated. Per micro-batch of at most ``max_batch_size`` prompts (sorted by length, so
-a batch holds similar lengths):
+the optimizer just updated. The prompts are sorted by length (stably) and cut into micro-batches of at
+most ``max_batch_size`` rows. Per micro-batch:
 
-1. left-pad the prompts, position ids counting real tokens only (``cumsum(mask) - 1``);
-2. prefill the prompts, keeping the logits of the last position only;
-3. decode: sample (``fastrl.engine.sampling.sample_next``), append, feed the new token, until every row
-   has produced EOS / a stop id or ``max_new_tokens`` tokens. A finished row keeps running (it is cheaper
-   than reshaping the cache) but its tokens are ignored.
+1. **Shared-prompt prefill.** Runs of identical consecutive prompts (GRPO's G completions of one prompt:
+   the trainer repeats each prompt G times in a row) are prefilled once: the U distinct prompts are
+   left-padded (position ids count real tokens only, ``cumsum(mask) - 1``) and run through the model,
+   keeping the last position's logits; the KV cache rows are then copied to the group's rows
+   (``index_select``; the eager path keeps them once, below) and every row samples its first token from
+   its prompt's logits. Off with
+   ``share_prompt_prefill=False``: one prefill row per completion (same tokens, U times the prefill work).
+2. **Decode.** Sample (``fastrl.engine.sampling.sample_next``), record, feed the token. Every row draws
+   from its own uniform number per step, taken in micro-batch row order, so a row's completion does not
+   depend on which rows share its batch. The host looks at the finished flags only every ``check_every``
+   steps (one device sync each; a row that finished in between keeps decoding, its tokens ignored); at a
+   check, all-finished ends the batch and, with ``compact_finished``, the finished rows leave it: the
+   dynamic cache keeps only the live rows, the static cache moves them into a cache of the next smaller
+   power-of-two batch (so the compiled decode sees at most log2(max_batch_size) + 1 batch shapes).
 
-The dynamic cache grows by one position per step and works everywhere. ``use_static_cache`` preallocates
-a ``transformers.StaticCache`` of a fixed shape (batch rounded up to a power of two, length rounded up
-to ``cache_length_multiple``) with a fixed-size attention mask, so every decode step has the same shapes;
-``compile`` then runs the decode step through ``torch.compile`` (``reduce-overhead``: CUDA graphs). The
-compiled graph captures parameter addresses, which in-place optimizer steps keep; it does not suit
-FSDP-sharded models, whose parameters are gathered into new buffers per forward.
+The eager path (``use_static_cache=False``) keeps its KV cache in buffers preallocated for prompt + new
+tokens, written in place (``fastrl.engine._kv.growing_cache``; transformers' ``DynamicCache`` copies the
+whole cache every step). When prompts are shared (and the model is a plain full-attention decoder on
+``sdpa``/``eager`` attention), the decode steps use ``fastrl.engine._kv.SharedPrefixCache`` and its
+attention: the prompt's keys/values are stored once per prompt and read once per step for all the
+group's rows (batched matrix products over ``[prompt, rows of the group]`` slots), each row's own
+generated positions apart; the two score blocks share one softmax, so the result is exact attention.
+It is a decode-time implementation switch only (``config._attn_implementation`` for the forward).
+
+``use_static_cache`` preallocates ``transformers.StaticCache``s of a fixed shape (batch rounded up to a
+power of two, length rounded up to ``cache_length_multiple``) with a fixed-size attention mask, so every
+decode step of a bucket has the same shapes; the caches are kept and reused across calls. ``compile`` runs
+the decode step through ``torch.compile`` (``fullgraph``, ``dynamic=False``; mode ``reduce-overhead``:
+CUDA graphs on GPUs): one graph per (batch bucket, cache length), reused across decode steps and rounds.
+The graph reads the live parameters, so in-place optimizer steps need no recompilation. It cannot serve
+FSDP-sharded models (their parameters are gathered into new buffers by hooks on every forward):
+``generate`` refuses ``compile`` on a model holding an ``FSDPModule`` with a ``ValueError`` (use the eager
+static cache).
+
+Log-probs (the contract of ``GenerationOutput``): each token's log-prob under the distribution it was
+sampled from (temperature, top-k, top-p applied, renormalised over the kept tokens). Greedy
+(``temperature == 0``) reports ``log_softmax(logits)[token]`` at temperature 1 instead of its point mass's 0.
 """
 
 from __future__ import annotations
@@ -27,14 +52,45 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from fastrl.engine._kv import (
+    SHARED_PREFIX_ATTENTION,
+    SharedPrefixCache,
+    growing_cache,
+    register_shared_prefix_attention,
+)
 from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams
 from fastrl.engine.sampling import sample_next
 from fastrl.models.heads import causal_lm
 from fastrl.models.modes import eval_mode
 
+_MAX_STATIC_CACHES = 8  # one per batch bucket of one cache length, in practice
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def prompt_groups(prompts: list[list[int]]) -> list[int]:
+    """Sizes of the runs of identical consecutive prompts: ``[a, a, b, a] -> [2, 1, 1]``."""
+    sizes: list[int] = []
+    for i, p in enumerate(prompts):
+        if i and p == prompts[i - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class HFEngine(Engine):
@@ -73,19 +129,24 @@ class HFEngine(Engine):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         lm = causal_lm(self.model)
         self._check_prompts(prompt_ids, lm.get_input_embeddings().num_embeddings)
+        if self.cfg.compile and _is_fsdp(self.model):
+            raise ValueError(
+                "engine compile=True cannot serve an FSDP-sharded model (its parameters are re-gathered into "
+                "new buffers on every forward); use compile=False (use_static_cache=True still works)"
+            )
         device = lm.get_input_embeddings().weight.device
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), device=device)
-        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # stable: runs stay runs
         results: list = [None] * len(prompt_ids)
         # Dropout off while sampling; each module's own mode comes back afterwards.
         with eval_mode(self.model), torch.no_grad():
             for start in range(0, len(order), self.cfg.max_batch_size):
                 chunk = order[start : start + self.cfg.max_batch_size]
                 batch = self._generate_batch(
-                    lm, [prompt_ids[i] for i in chunk], params, stop_ids, generator, device
+                    lm, [list(prompt_ids[i]) for i in chunk], params, stop_ids, generator, device
                 )
                 for i, row in zip(chunk, batch):
                     results[i] = row
@@ -144,88 +205,179 @@ class HFEngine(Engine):
         )
         return out.logits[:, -1]
 
-    def _static_cache(self, lm, batch: int, length: int) -> StaticCache:
-        """A reset StaticCache of this shape, reused across calls: the compiled graph keeps its addresses."""
-        key = (batch, length)
-        cache = self._static_caches.get(key)
-        if cache is None:
-            if len(self._static_caches) >= 2:  # bound the memory held by shapes no longer in use
-                self._static_caches.pop(next(iter(self._static_caches)))
-            cache = StaticCache(config=lm.config, max_cache_len=length)
-            self._static_caches[key] = cache
-        else:
-            cache.reset()
-        return cache
+    @staticmethod
+    def _shared_attention_ok(lm) -> bool:
+        """Shared-prefix attention serves plain full-attention decoders only (Qwen2, Llama, ...)."""
+        cfg = lm.config
+        types_ = getattr(cfg, "layer_types", None) or ["full_attention"]
+        return (
+            cfg._attn_implementation in ("sdpa", "eager")
+            and all(t == "full_attention" for t in types_)
+            and not getattr(cfg, "use_sliding_window", False)
+        )
 
-    def _generate_batch(self, lm, prompts, params: SamplingParams, stop_ids, generator, device):
-        n_real, P, steps = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
-        static = self.cfg.use_static_cache
-        # Static shapes: round the batch to a power of two (padded with one-token dummy rows) and the
-        # cache length up, so consecutive calls reuse one compiled graph.
-        B = min(1 << (n_real - 1).bit_length(), self.cfg.max_batch_size) if static else n_real
-        B = max(B, n_real)
-        rows = list(prompts) + [[self.pad_token_id]] * (B - n_real)
-        L = _round_up(P + steps, self.cfg.cache_length_multiple) if static else P + steps
-        input_ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(B, L, dtype=torch.long)  # prompt padding 0, every later position 1
-        for i, p in enumerate(rows):
-            input_ids[i, P - len(p) :] = torch.tensor([int(t) for t in p])
-            mask[i, P - len(p) :] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        position_ids = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)
-
-        if static:
-            cache = self._static_cache(lm, B, L)
-            logits, _ = self._forward(
-                lm, cache, input_ids=input_ids, attention_mask=mask, position_ids=position_ids
+    def _shared_decode(self, lm, cache, input_ids, position_ids) -> torch.Tensor:
+        """One eager decode step whose attention reads each shared prompt once (fastrl.engine._kv). The
+        mask mapping given as a dict skips transformers' mask building (the attention masks the prompt
+        padding itself); the attention implementation is switched for this forward only."""
+        register_shared_prefix_attention()
+        saved = lm.config._attn_implementation
+        lm.config._attn_implementation = SHARED_PREFIX_ATTENTION
+        try:
+            out = lm(
+                input_ids=input_ids,
+                attention_mask={"full_attention": None},
+                position_ids=position_ids,
+                use_cache=True,
+                fastrl_shared=cache,
+                **{self._cache_arg: cache},
+                **({"logits_to_keep": 1} if self._keep_last_only else {}),
             )
-            decode = self._decode_fn()
-        else:
-            logits, cache = self._forward(
-                lm, None, input_ids=input_ids, attention_mask=mask[:, :P], position_ids=position_ids
-            )
-        next_pos = position_ids[:, -1:] + 1
-
-        tokens = torch.full((B, steps), self.pad_token_id, dtype=torch.long, device=device)
-        logps = torch.zeros(B, steps, dtype=torch.float32, device=device)
-        lengths = torch.full((B,), steps, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        done[n_real:] = True
-        for t in range(steps):
-            tok, logp = sample_next(
-                logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                generator=generator,
-            )  # fmt: skip
-            tok = torch.where(done, self.pad_token_id, tok)
-            tokens[:, t], logps[:, t] = tok, logp
-            stopped = ~done & torch.isin(tok, stop_ids)
-            lengths = torch.where(stopped, t + 1, lengths)
-            done |= stopped
-            if t == steps - 1 or bool(done.all()):
-                break
-            if static:
-                logits = decode(lm, cache, tok[:, None], mask, next_pos).clone()  # graph outputs get reused
-            else:
-                logits, cache = self._forward(
-                    lm,
-                    cache,
-                    input_ids=tok[:, None],
-                    attention_mask=mask[:, : P + t + 1],
-                    position_ids=next_pos,
-                )
-            next_pos = next_pos + 1
-
-        tokens, logps, lengths, done = tokens.cpu(), logps.cpu(), lengths.cpu(), done.cpu()
-        return [
-            (tokens[i, : lengths[i]].tolist(), logps[i, : lengths[i]].tolist(), not bool(done[i]))
-            for i in range(n_real)
-        ]
+        finally:
+            lm.config._attn_implementation = saved
+        return out.logits[:, -1]
 
     def _decode_fn(self):
         if not self.cfg.compile:
             return self._decode_step
         if self._compiled_decode is None:
             self._compiled_decode = torch.compile(
-                self._decode_step, mode=self.cfg.compile_mode, dynamic=False
+                self._decode_step,
+                mode=self.cfg.compile_mode,
+                backend=self.cfg.compile_backend,
+                fullgraph=True,  # a graph break is a bug here, not a silent slowdown
+                dynamic=False,
             )
         return self._compiled_decode
+
+    def _static_cache(self, lm, batch: int, length: int) -> StaticCache:
+        """A reset StaticCache of this shape, reused across calls: the compiled graph keeps its addresses."""
+        key = (batch, length)
+        cache = self._static_caches.pop(key, None)
+        if cache is None:
+            while len(self._static_caches) >= _MAX_STATIC_CACHES:  # bound the memory of unused shapes
+                other = next((k for k in self._static_caches if k[1] != length), None)
+                self._static_caches.pop(other if other is not None else next(iter(self._static_caches)))
+            cache = StaticCache(config=lm.config, max_cache_len=length)
+        else:
+            cache.reset()
+        self._static_caches[key] = cache  # most recently used last
+        return cache
+
+    def _fill_static(
+        self, lm, batch: int, length: int, layers_kv, rows: torch.Tensor, cur: int
+    ) -> StaticCache:
+        """The static cache (batch, length) holding, in its row r, the first ``cur`` positions of row
+        ``rows[r]`` of ``layers_kv`` (per layer: keys, values [b, heads, >= cur, head_dim])."""
+        cache = self._static_cache(lm, batch, length)
+        position = torch.arange(cur, device=rows.device)
+        for i, (k, v) in enumerate(layers_kv):
+            k_rows, v_rows = k[:, :, :cur].index_select(0, rows), v[:, :, :cur].index_select(0, rows)
+            cache.update(k_rows, v_rows, i, {"cache_position": position})
+        return cache
+
+    def _generate_batch(self, lm, prompts, params: SamplingParams, stop_ids, generator, device):
+        n, steps, cfg = len(prompts), params.max_new_tokens, self.cfg
+        groups = prompt_groups(prompts) if cfg.share_prompt_prefill else [1] * n
+        starts = [sum(groups[:g]) for g in range(len(groups))]
+        unique = [prompts[s] for s in starts]
+        U, P = len(unique), max(len(p) for p in prompts)
+        static = cfg.use_static_cache
+        L = _round_up(P + steps, cfg.cache_length_multiple) if static else P + steps
+
+        # 1. Prefill the U distinct prompts, left-padded.
+        input_ids = torch.full((U, P), self.pad_token_id, dtype=torch.long)
+        mask_U = torch.zeros(U, L, dtype=torch.long)  # prompt padding 0, every later position 1
+        for i, p in enumerate(unique):
+            input_ids[i, P - len(p) :] = torch.tensor([int(t) for t in p])
+            mask_U[i, P - len(p) :] = 1
+        input_ids, mask_U = input_ids.to(device), mask_U.to(device)
+        position_ids = (mask_U[:, :P].cumsum(-1) - 1).clamp(min=0)
+        # Eager decoding grows a preallocated cache (no per-step copy of it, see fastrl.engine._kv); the
+        # static path copies the prefill out of a plain one.
+        prefill_cache = None if static else growing_cache(lm.config, P + steps)
+        logits_U, cache = self._forward(
+            lm, prefill_cache, input_ids=input_ids, attention_mask=mask_U[:, :P], position_ids=position_ids
+        )
+        # Decode rows: the n completions, plus (static) dummy rows up to a power-of-two bucket. `row_of`
+        # maps a decode row to its completion; dummies map to n, a scratch row of the outputs.
+        B = max(min(_pow2(n), cfg.max_batch_size), n) if static else n
+        src = torch.repeat_interleave(torch.arange(U), torch.tensor(groups)).to(device)  # row -> prompt
+        src_B = torch.cat([src, src.new_zeros(B - n)])
+        row_of = torch.cat([torch.arange(n), torch.full((B - n,), n)]).to(device)
+        logits = logits_U.index_select(0, src_B)
+        mask = mask_U.index_select(0, src_B)
+        next_pos = position_ids[:, -1:].index_select(0, src_B) + 1
+        if static:
+            layers_kv = [(layer.keys, layer.values) for layer in cache.layers]
+            cache = self._fill_static(lm, B, L, layers_kv, src_B, P)
+            del layers_kv
+        elif n > U and self._shared_attention_ok(lm):
+            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+            cache = SharedPrefixCache(prefix_kv, mask_U[:, :P], src.tolist(), capacity=steps)
+        elif n > U:
+            cache.batch_select_indices(src_B)
+        shared = isinstance(cache, SharedPrefixCache)
+        decode = self._decode_fn() if static else None
+        cuda_graphs = static and cfg.compile and device.type == "cuda"
+
+        # 2. Decode. Outputs are indexed by completion, time-major so a step writes one contiguous row.
+        tokens_TN = torch.full((steps, n + 1), self.pad_token_id, dtype=torch.long, device=device)
+        logps_TN = torch.zeros(steps, n + 1, dtype=torch.float32, device=device)
+        done = row_of == n
+        cur = P  # cache positions filled
+        for t in range(steps):
+            # One uniform per completion per step, in completion order, whatever the batch holds.
+            u_N = torch.rand(n + 1, generator=generator, device=device) if not params.greedy else None
+            tok, logp = sample_next(
+                logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                uniform_B=None if u_N is None else u_N.index_select(0, row_of),
+            )  # fmt: skip
+            tok = torch.where(done, self.pad_token_id, tok)
+            tokens_TN[t].index_copy_(0, row_of, tok)
+            logps_TN[t].index_copy_(0, row_of, logp)
+            done = done | torch.isin(tok, stop_ids)
+            if t == steps - 1:
+                break
+            if (t + 1) % cfg.check_every == 0:
+                done_host = done.cpu()  # the only device sync of the loop
+                if bool(done_host.all()):
+                    break
+                live = (~done_host).nonzero().squeeze(-1)
+                new_B = max(_pow2(len(live)), 1) if static else len(live)
+                if cfg.compact_finished and new_B < len(done_host):
+                    keep = torch.cat([live, live[:1].expand(new_B - len(live))]).to(device)
+                    tok, mask, next_pos = tok[keep], mask[keep], next_pos[keep]
+                    row_of = torch.where(torch.arange(new_B, device=device) < len(live), row_of[keep], n)
+                    done = row_of == n
+                    if static:
+                        layers_kv = [(layer.keys, layer.values) for layer in cache.layers]
+                        cache = self._fill_static(lm, new_B, L, layers_kv, keep, cur)
+                        del layers_kv
+                    else:
+                        cache.batch_select_indices(keep)
+            if static:
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = decode(lm, cache, tok[:, None], mask, next_pos)
+            elif shared:
+                logits = self._shared_decode(lm, cache, tok[:, None], next_pos)
+            else:
+                logits, cache = self._forward(
+                    lm,
+                    cache,
+                    input_ids=tok[:, None],
+                    attention_mask=mask[:, : cur + 1],
+                    position_ids=next_pos,
+                )
+            next_pos = next_pos + 1
+            cur += 1
+
+        # Each completion ends at its first stop token (tokens after it are padding); none: truncated.
+        tokens, logps = tokens_TN[:, :n].T.cpu(), logps_TN[:, :n].T.cpu()
+        stops = torch.isin(tokens, stop_ids.cpu())
+        first = torch.where(stops.any(-1), stops.int().argmax(-1) + 1, steps)
+        return [
+            (tokens[i, : first[i]].tolist(), logps[i, : first[i]].tolist(), not bool(stops[i].any()))
+            for i in range(n)
+        ]

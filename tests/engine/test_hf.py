@@ -8,6 +8,7 @@ import torch
 
 from fastrl.engine import EngineConfig, SamplingParams, build_engine
 from fastrl.engine.hf import HFEngine
+from fastrl.engine.sampling import filter_logits
 from fastrl.models.lora import adapter_disabled
 from fastrl.models.tiny import build_char_tokenizer, build_tiny_model
 from tests.helpers import assert_close_to_truth
@@ -41,16 +42,16 @@ def _hf_greedy(model, tokenizer, prompts, max_new_tokens):
     return rows
 
 
-def _teacher_forced_logp(model, prompts, completions, temperature):
-    """log_softmax(logits / T) of each completion token, one unpadded sequence at a time."""
-    scale = temperature if temperature > 0 else 1.0
+def _teacher_forced_logp(model, prompts, completions, temperature, top_k=0, top_p=1.0):
+    """The log-prob contract, recomputed one unpadded sequence at a time: log q(token), q the softmax of
+    the filtered logits / T renormalised over the kept tokens (greedy: log_softmax(logits) at T=1)."""
     out = []
     with torch.no_grad():
         for p, c in zip(prompts, completions):
             logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
-            out.append(
-                torch.log_softmax(logits.double() / scale, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
-            )
+            if temperature > 0:
+                logits = filter_logits(logits.double() / temperature, top_k=top_k, top_p=top_p).double()
+            out.append(torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(c)[:, None])[:, 0])
     return torch.cat(out)
 
 
@@ -93,7 +94,8 @@ def test_greedy_equals_hf_generate(model, tokenizer):
 
 
 @pytest.mark.parametrize(
-    "temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 0.9)]
+    "temperature, top_k, top_p",
+    [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 0.9), (0.7, 7, 1.0), (1.0, 0, 0.8)],
 )
 def test_logprobs_equal_teacher_forcing(model, tokenizer, seed, temperature, top_k, top_p):
     prompts = _prompts(tokenizer, [3, 9, 6])
@@ -101,8 +103,8 @@ def test_logprobs_equal_teacher_forcing(model, tokenizer, seed, temperature, top
     params = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     out = engine.generate(prompts, params)
     got = torch.tensor([x for row in out.logprobs for x in row])
-    reference = _teacher_forced_logp(model, prompts, out.completion_ids, temperature)
-    truth = _teacher_forced_logp(model.double(), prompts, out.completion_ids, temperature)
+    reference = _teacher_forced_logp(model, prompts, out.completion_ids, temperature, top_k, top_p)
+    truth = _teacher_forced_logp(model.double(), prompts, out.completion_ids, temperature, top_k, top_p)
     assert_close_to_truth("engine logp", got, reference.float(), truth, dtype=torch.float32)
 
 
@@ -170,12 +172,16 @@ def test_left_padding_equals_one_by_one(tokenizer, seed, max_batch_size):
 def test_static_cache_equals_dynamic(tokenizer, seed):
     model = build_tiny_model(tokenizer, seed=seed, init_std=0.1).double()
     dynamic = HFEngine(model, tokenizer)
-    static = HFEngine(model, tokenizer, EngineConfig(use_static_cache=True, cache_length_multiple=16))
-    # Three prompts run as a batch of four (one dummy row); sampling draws depend on the batch size, so
-    # the sampled case uses four prompts.
+    # Three prompts run as a batch of four (one dummy row); every row draws its own uniforms, so the
+    # dummy row changes no sampled completion either. Compaction off: one cache shape, reused.
+    static = HFEngine(
+        model,
+        tokenizer,
+        EngineConfig(use_static_cache=True, cache_length_multiple=16, compact_finished=False),
+    )
     for prompts, params in (
         (_prompts(tokenizer, [5, 11, 2]), SamplingParams(max_new_tokens=10, temperature=0)),
-        (_prompts(tokenizer, [5, 11, 2, 3]), SamplingParams(max_new_tokens=7, temperature=1.0, seed=seed)),
+        (_prompts(tokenizer, [5, 11, 2]), SamplingParams(max_new_tokens=7, temperature=1.0, seed=seed)),
     ):
         a, b = dynamic.generate(prompts, params), static.generate(prompts, params)
         assert a.completion_ids == b.completion_ids and a.truncated == b.truncated
