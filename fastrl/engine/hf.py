@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
-from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams
+from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams, register_engine
 from fastrl.engine.sampling import sample_next
 from fastrl.models.heads import causal_lm
 from fastrl.models.modes import eval_mode
@@ -229,3 +229,6 @@ class HFEngine(Engine):
                 self._decode_step, mode=self.cfg.compile_mode, dynamic=False
             )
         return self._compiled_decode
+
+
+register_engine("hf", HFEngine)
