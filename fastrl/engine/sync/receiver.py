@@ -159,9 +159,9 @@ class ReceiverProcess:
         try:
             if proc.is_alive():
                 self.channel.request(("close",), "close", timeout_s=min(self.timeout_s, 5.0))
+                proc.join(timeout=5.0)
         except Exception:
-            pass
-        proc.join(timeout=5.0)
+            pass  # dead, stuck or confused: killed below
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=5.0)

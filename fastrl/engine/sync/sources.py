@@ -33,8 +33,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from fastrl.models.heads import causal_lm
-
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -106,6 +104,8 @@ def _lora_entries(prefix: str, layer: nn.Module, lora_linear: type) -> list[_Ent
 
 
 def _entries(model: nn.Module) -> list[_Entry]:
+    from fastrl.models.heads import causal_lm  # imports transformers: keep receivers' start-up light
+
     lm = causal_lm(model)
     types = _peft_types()
     seen: set[int] = set()
