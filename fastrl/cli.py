@@ -181,12 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return status if isinstance(status, int) else 0
     if command == "vllm-serve":
-        _say(
-            "fastrl vllm-serve: not available yet: needs the vllm extra (pip install 'fastrl[vllm]') and the "
-            "vllm_server engine; use engine.kind=hf or vllm (colocated) meanwhile",
-            err=True,
-        )
-        return 2
+        from fastrl.engine.vllm.serve import main as serve_main
+
+        return serve_main(rest)
     _say(f"fastrl: unknown command {command!r}\n\n{usage()}", err=True)
     return 2
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import pickle
 import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -154,10 +154,10 @@ def request_seed(seed: int | None, i: int) -> int | None:
 
 
 def to_vllm_params(params: SamplingParams, eos_token_id: int | None, seed: int | None):
-    from vllm import SamplingParams as VSP
+    import vllm
 
     stop = list(params.stop_token_ids) + ([eos_token_id] if eos_token_id is not None else [])
-    return VSP(
+    return vllm.SamplingParams(
         n=1,
         max_tokens=params.max_new_tokens,
         temperature=float(params.temperature),
@@ -206,7 +206,8 @@ def call_with_deadline(fn, timeout_s: float, what: str, *, alive=None):
                 if alive is not None and not alive():
                     raise SyncError(f"{what}: the vLLM engine process died") from None
                 if waited >= timeout_s:
-                    raise SyncTimeoutError(f"{what}: no answer from the vLLM engine within {timeout_s:g} s") from None
+                    msg = f"{what}: no answer from the vLLM engine within {timeout_s:g} s"
+                    raise SyncTimeoutError(msg) from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -221,3 +222,24 @@ def pack(obj) -> str:
 
 def unpack(text: str):
     return pickle.loads(base64.b64decode(text))  # noqa: S301 - see pack()
+
+
+def make_group(store, *, rank: int, world_size: int, backend: str, timeout):
+    """A process group of its own on ``store`` (not the default group: vLLM's process has one already,
+    and so may the trainer's, under torchrun)."""
+    import torch.distributed as dist
+
+    prefixed = dist.PrefixStore("fastrl-weight-sync", store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+
+
+def broadcast(group, tensor: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()

@@ -19,7 +19,7 @@ loads, then wakes the KV cache.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 import time
 
@@ -74,8 +74,8 @@ class VLLMEngine(Engine):
     # ---- RPC -----------------------------------------------------------------------------------------
     def engine_pid(self) -> int | None:
         """The vLLM engine process's pid (separate_process), else None."""
-        client = self.llm.llm_engine.engine_core
-        procs = getattr(getattr(getattr(client, "resources", None), "engine_manager", None), "processes", None)
+        resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
+        procs = getattr(getattr(resources, "engine_manager", None), "processes", None)
         return procs[0].pid if procs else None
 
     def _alive(self) -> bool:
@@ -104,7 +104,7 @@ class VLLMEngine(Engine):
         from fastrl.engine.sync import unpack_bucket
 
         if self.cfg.separate_process:
-            return common.unpack(self._rpc("fastrl_load_bucket", common.pack(bucket.slots), bucket.verify))
+            return common.unpack(self._rpc("fastrl_load_bucket", common.pack((bucket.slots, bucket.verify))))
         return self._rpc("fastrl_load_tensors", unpack_bucket(bucket.buffer, bucket.slots), bucket.verify)
 
     def sync_weights(self, model) -> None:
@@ -160,10 +160,8 @@ class VLLMEngine(Engine):
             syncer.close()
         llm = getattr(self, "llm", None)
         if llm is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort at teardown; the engine may be gone already
                 llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort at teardown; the engine may already be gone
-                pass
             self.llm = None
         if getattr(self, "_dir", None) is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

@@ -41,7 +41,7 @@ class FastrlWorkerExtension:
         known = {}
         files = sorted(Path(config.model).glob("*.safetensors"))
         if not files:
-            raise RuntimeError(f"no *.safetensors in {config.model}: cannot tell which weights a sync may send")
+            raise RuntimeError(f"no *.safetensors in {config.model}: cannot tell which weights a sync sends")
         for path in files:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
@@ -69,18 +69,45 @@ class FastrlWorkerExtension:
         initialize_layerwise_reload(self._fastrl_model())
         self._fastrl_loaded = set()
 
-    def fastrl_load_bucket(self, slots: str, verify: bool = False) -> str:
-        """Load the tensors ``slots`` (a packed slot list) describe from the shared buffer; returns the
-        packed ``{name: checksum}`` of what arrived with ``verify``, else packed None."""
+    def fastrl_load_bucket(self, request: str) -> str:
+        """Load the tensors described by ``request`` (packed ``(slots, verify)``) from the shared buffer;
+        returns the packed ``{name: checksum}`` of what arrived with ``verify``, else packed None."""
         from fastrl.engine.sync import receive
 
-        slots = unpack(slots)
+        slots, verify = unpack(request)
         buffer = getattr(self, "_fastrl_buffer", None)
         if buffer is None:
             raise RuntimeError("fastrl_load_bucket before fastrl_open_buffer")
         # Copies: a layer's weights wait in vLLM's layer-wise loader until the whole layer has arrived,
         # and the next bucket overwrites the buffer.
         return pack(self._fastrl_load(receive(buffer.tensor, slots, copy=True), verify))
+
+    def fastrl_init_group(self, request: str) -> None:
+        """Join the trainer's two-rank group (packed ``(host, port, backend)``) as rank 1: the path for
+        a server on another host, where no memory can be shared."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from fastrl.engine.vllm.common import make_group
+
+        host, port, backend = unpack(request)
+        timeout = timedelta(seconds=300)
+        store = dist.TCPStore(host, port, 2, is_master=False, timeout=timeout)
+        self._fastrl_group = make_group(store, rank=1, world_size=2, backend=backend, timeout=timeout)
+        self._fastrl_store = store
+
+    def fastrl_recv_bucket(self, request: str) -> str:
+        """Receive one bucket (packed ``(slots, verify, nbytes)``) broadcast by the trainer, then load it."""
+        from fastrl.engine.sync import receive
+        from fastrl.engine.vllm.common import broadcast
+
+        slots, verify, nbytes = unpack(request)
+        buf = getattr(self, "_fastrl_recv", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._fastrl_recv = torch.empty(nbytes, dtype=torch.uint8, device=self.model_runner.device)
+        broadcast(self._fastrl_group, buf[:nbytes])
+        return pack(self._fastrl_load(receive(buf, slots, copy=True), verify))
 
     def fastrl_load_tensors(self, pairs, verify: bool = False):
         """In-process variant: ``pairs`` are (name, tensor) views of the trainer's bucket; copied here."""
