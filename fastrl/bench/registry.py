@@ -15,6 +15,7 @@ SUITES: dict[str, str] = {
     "dpo": "fastrl.bench.dpo",
     "native": "fastrl.bench.native",
     "grpo_step": "fastrl.bench.grpo_step",  # filled in by the trainers
+    "sync": "fastrl.bench.sync",
 }
 
 

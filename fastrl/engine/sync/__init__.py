@@ -139,14 +139,20 @@ class WeightSyncer:
     @torch.no_grad()
     def sync(self, model: nn.Module, *, verify: bool = False) -> SyncStats:
         """Send every weight of ``model`` (:func:`iter_sync_weights`); returns once the engine has all."""
-        t0 = time.perf_counter()
         stream = iter_sync_weights(model, dtype=self.dtype)
         if not self.sender:
+            t0 = time.perf_counter()
             n = sum(1 for _ in stream)  # the collectives only
             return SyncStats(n_tensors=n, n_buckets=0, bytes=0, seconds=time.perf_counter() - t0)
-        plan = plan_buckets(
-            sync_specs(model, dtype=self.dtype), bucket_bytes=self.bucket_bytes, align=self.align
-        )
+        return self.sync_stream(sync_specs(model, dtype=self.dtype), stream, verify=verify)
+
+    @torch.no_grad()
+    def sync_stream(self, specs, stream, *, verify: bool = False) -> SyncStats:
+        """Send ``stream`` (``(name, tensor)`` pairs) whose ``(name, dtype, shape)`` are ``specs``, in
+        order: :meth:`sync` without the model (benchmarks, or a source of its own). ``dtype`` is not
+        applied here: the stream's tensors go as they are."""
+        t0 = time.perf_counter()
+        plan = plan_buckets(specs, bucket_bytes=self.bucket_bytes, align=self.align)
         buffer = self._ensure_buffer(max((bucket_nbytes(b) for b in plan), default=1))
         sent_buckets = 0
 
@@ -155,17 +161,16 @@ class WeightSyncer:
             i = sent_buckets
             if i >= len(plan) or slots != plan[i]:
                 raise SyncError(
-                    f"bucket {i} differs from the plan: the weight stream does not match "
-                    "sync_specs (a model changed during the sync?)"
+                    f"bucket {i} differs from the plan: the weight stream does not match its specs "
+                    "(a model changed during the sync?)"
                 )
             if buffer.device.type == "cuda":
                 torch.cuda.synchronize(buffer.device)  # the copies must land before another process reads
             sent = {n: checksum(t) for n, t in unpack_bucket(buffer, slots)} if verify else None
-            reply = self.send_bucket(
-                Bucket(
-                    index=i, slots=slots, nbytes=used, buffer=buffer, verify=verify, last=i == len(plan) - 1
-                )
+            bucket = Bucket(
+                index=i, slots=slots, nbytes=used, buffer=buffer, verify=verify, last=i == len(plan) - 1
             )
+            reply = self.send_bucket(bucket)
             if verify:
                 if reply is None:
                     raise SyncError("verify=True but send_bucket returned no checksums")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import traceback
+import weakref
 
 import torch
 import torch.multiprocessing as mp
@@ -83,6 +84,12 @@ def _main(conn, specs, device: str, threads: int) -> None:
         _reply(conn, reply)
 
 
+def _kill(proc) -> None:
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout=5.0)
+
+
 def _slot_of(name: str, tensor: torch.Tensor):
     from fastrl.engine.sync.buckets import TensorSlot, dtype_name
 
@@ -115,6 +122,8 @@ class ReceiverProcess:
         self.proc = ctx.Process(target=_main, args=args, daemon=True)
         self.proc.start()
         child.close()
+        # dropped without close() (a failed benchmark method, a test error): kill the child with it
+        self._reaper = weakref.finalize(self, _kill, self.proc)
         self.channel = Channel(parent, timeout_s=self.timeout_s, peer=self.proc, name="receiver process")
         reply = self.channel.recv("start-up", timeout_s=max(self.timeout_s, _START_TIMEOUT_S))
         assert reply[0] == "ready", reply
@@ -162,7 +171,6 @@ class ReceiverProcess:
                 proc.join(timeout=5.0)
         except Exception:
             pass  # dead, stuck or confused: killed below
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5.0)
+        _kill(proc)
+        self._reaper.detach()
         self.channel.conn.close()
