@@ -278,13 +278,10 @@ def run_grpo(
     )
     if not funcs:
         raise ValueError("grpo.reward_funcs must name at least one reward function")
-    if fsdp and engine is None and (cfg.engine.kind != "hf" or cfg.engine.compile):
-        # vLLM would need the gathered weights synced in; a compiled decode step captures parameter
-        # addresses, which FSDP's gathered buffers do not keep from one round to the next.
-        raise ValueError(
-            f"under train.fsdp the engine must be engine.kind 'hf' without engine.compile, got "
-            f"kind={cfg.engine.kind!r} compile={cfg.engine.compile}"
-        )
+    if fsdp and engine is None and cfg.engine.kind == "hf" and cfg.engine.compile:
+        # A compiled decode step captures parameter addresses, which FSDP's gathered buffers do not keep
+        # from one round to the next. (vLLM engines get full tensors streamed by the weight sync.)
+        raise ValueError("under train.fsdp the hf engine cannot use engine.compile")
     model, tokenizer, ref, policy, dataset = setup_run(
         cfg,
         device,

@@ -163,9 +163,14 @@ class VLLMServerEngine(Engine):
 
         import torch.distributed as dist
 
-        host = socket.gethostbyname(socket.gethostname())
+        # The address of this host as the server sees it: the interface that routes to the server (a UDP
+        # connect sends nothing). For a server on 127.0.0.1 that is 127.0.0.1.
+        server = urllib.parse.urlsplit(self.base_url)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((server.hostname, server.port or 80))
+            host = probe.getsockname()[0]
         with socket.socket() as s:  # a free port for the store
-            s.bind(("", 0))
+            s.bind((host, 0))
             port = s.getsockname()[1]
         timeout = timedelta(seconds=self.cfg.sync_timeout_s)
         store = dist.TCPStore(host, port, 2, is_master=True, timeout=timeout, wait_for_workers=False)

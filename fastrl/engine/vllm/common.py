@@ -7,11 +7,12 @@ vLLM is imported inside functions only, so ``import fastrl.engine.vllm`` works w
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import logging
 import os
 import pickle
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -190,26 +191,32 @@ def from_request_outputs(outputs) -> GenerationOutput:
 
 
 def call_with_deadline(fn, timeout_s: float, what: str, *, alive=None):
-    """``fn()`` in a helper thread, waiting at most ``timeout_s``; ``alive()`` (optional) is polled and a
-    False raises at once. A stuck call is abandoned (its thread is a daemon) and raises SyncTimeoutError."""
+    """``fn()`` in a daemon thread, waiting at most ``timeout_s``; ``alive()`` (optional) is polled and a
+    False raises at once. A stuck call is abandoned: a daemon thread, unlike a ThreadPoolExecutor's, is
+    not joined at interpreter exit (vLLM's client never answers a call to an engine that was killed)."""
     from fastrl.engine.sync import SyncError, SyncTimeoutError
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastrl-rpc")
-    try:
-        future = pool.submit(fn)
-        waited, step = 0.0, 0.25
-        while True:
-            try:
-                return future.result(timeout=step)
-            except concurrent.futures.TimeoutError:
-                waited += step
-                if alive is not None and not alive():
-                    raise SyncError(f"{what}: the vLLM engine process died") from None
-                if waited >= timeout_s:
-                    msg = f"{what}: no answer from the vLLM engine within {timeout_s:g} s"
-                    raise SyncTimeoutError(msg) from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="fastrl-rpc", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        thread.join(0.25)
+        if not thread.is_alive():
+            if "error" in box:
+                raise box["error"]
+            return box.get("value")
+        if alive is not None and not alive():
+            raise SyncError(f"{what}: the vLLM engine process died")
+        if time.monotonic() >= deadline:
+            raise SyncTimeoutError(f"{what}: no answer from the vLLM engine within {timeout_s:g} s")
 
 
 def pack(obj) -> str:

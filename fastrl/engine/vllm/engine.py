@@ -160,8 +160,9 @@ class VLLMEngine(Engine):
             syncer.close()
         llm = getattr(self, "llm", None)
         if llm is not None:
-            with contextlib.suppress(Exception):  # best effort at teardown; the engine may be gone already
-                llm.llm_engine.engine_core.shutdown()
+            # Best effort, bounded: the engine process may be gone already (shutdown then waits on it).
+            with contextlib.suppress(Exception):
+                common.call_with_deadline(llm.llm_engine.engine_core.shutdown, 30.0, "vLLM shutdown")
             self.llm = None
         if getattr(self, "_dir", None) is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
