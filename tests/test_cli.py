@@ -165,7 +165,7 @@ def test_usage_unknown_command_and_vllm_placeholder(capsys):
     assert cli.main(["train"]) == 2
     assert "unknown command 'train'" in capsys.readouterr().err
     assert cli.main(["vllm-serve"]) == 2
-    assert "not available yet: needs the vllm extra" in capsys.readouterr().err
+    assert "required: --model" in capsys.readouterr().err
 
 
 def test_real_run_configs_map_when_the_trainers_exist(capsys):

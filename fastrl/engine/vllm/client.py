@@ -20,6 +20,7 @@ fails within ``connect_timeout_s``, a dead or stuck one within ``sync_timeout_s`
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import socket
 import urllib.error
@@ -86,7 +87,7 @@ class VLLMServerEngine(Engine):
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             reason = getattr(e, "reason", e)
             raise ServerError(
-                f"vLLM server {self.base_url}{path}: no answer within {timeout:g} s ({reason})"
+                f"vLLM server {self.base_url}{path}: failed ({reason}; timeout {timeout:g} s)"
             ) from None
         return json.loads(raw) if raw else None
 
@@ -202,11 +203,19 @@ class VLLMServerEngine(Engine):
             self._rpc("fastrl_begin_update")
             try:
                 self.last_sync = self.syncer.sync(model, verify=self.cfg.verify_sync)
-            finally:
-                self._rpc("fastrl_finish_update")
+            except BaseException:
+                # Restore layers left half-loaded if the server still answers; the first error is the one
+                # that tells what happened.
+                with contextlib.suppress(ServerError):
+                    self._rpc("fastrl_finish_update")
+                raise
+            self._rpc("fastrl_finish_update")
             self._post("/reset_prefix_cache", timeout=t)
-        finally:
-            self._post("/resume", timeout=t)
+        except BaseException:
+            with contextlib.suppress(ServerError):
+                self._post("/resume", timeout=t)
+            raise
+        self._post("/resume", timeout=t)
 
     def close(self) -> None:
         syncer = getattr(self, "syncer", None)

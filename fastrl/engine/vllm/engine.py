@@ -118,10 +118,14 @@ class VLLMEngine(Engine):
         self._rpc("fastrl_begin_update")
         try:
             self.last_sync = self.syncer.sync(model, verify=self.cfg.verify_sync)
-        finally:
-            # Also after a failure: layers left half-loaded get their previous weights back.
+        except BaseException:
+            # Layers left half-loaded get their previous weights back (if the engine still runs); the
+            # first error is the one raised.
             if self._alive():
-                self._rpc("fastrl_finish_update")
+                with contextlib.suppress(Exception):
+                    self._rpc("fastrl_finish_update")
+            raise
+        self._rpc("fastrl_finish_update")
         self.llm.reset_prefix_cache()
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])

@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed the message; return its status instead of exiting
+        return int(e.code or 0)
     try:
         import vllm  # noqa: F401 - fail here, with the install hint, not inside the server
     except ImportError:
