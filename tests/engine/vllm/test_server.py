@@ -133,4 +133,5 @@ def test_server_killed_mid_sync(engine, server, vllm_tiny_dir):
         return send(bucket)
 
     engine.syncer.send_bucket = send_then_kill
-    checks.check_fails_within(lambda: engine.sync_weights(model), ServerError, 40, "/collective_rpc")  # not /resume
+    # The first failure (a bucket RPC) is the one raised, not the /resume after it.
+    checks.check_fails_within(lambda: engine.sync_weights(model), ServerError, 40, "/collective_rpc")
