@@ -196,7 +196,9 @@ def _process_per_param(ctx):
     def setup(inputs):
         if ctx.device.type == "cuda":
             raise Skip("CPU only (a pickled CUDA tensor per message is a device->host->device copy)")
-        src = inputs["src"]
+        # Tensors with storages of their own, as real parameters have: pickling a view of the flat
+        # set would serialise the whole storage each time.
+        src = {n: t.clone() for n, t in inputs["src"].items()}
         rx = _receiver(ctx, inputs["specs"])
 
         def run():
