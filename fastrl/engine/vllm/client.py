@@ -61,6 +61,12 @@ class VLLMServerEngine(Engine):
             backend = "shm" if _is_local(host) else "dist"
         self.backend = backend
         self._group = None
+        # Under a process group (FSDP) rank 0 alone talks to the server; the other ranks take part in
+        # the weight gathers only. All ranks meet at a barrier after each sync.
+        from fastrl.distributed.env import dist_info, is_distributed
+
+        self._distributed = is_distributed()
+        self.sender = not self._distributed or dist_info().rank == 0
         device = f"cuda:{torch.cuda.current_device()}" if common.on_cuda() else "cpu"
         self.syncer = WeightSyncer(
             self._send_bucket,
@@ -68,6 +74,7 @@ class VLLMServerEngine(Engine):
             bucket_bytes=cfg.sync_bucket_mb << 20,
             device=device,
             dtype=self.dtype,
+            sender=self.sender,
         )
         self.last_sync = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="fastrl-http")
@@ -197,6 +204,10 @@ class VLLMServerEngine(Engine):
 
         plan = plan_buckets(sync_specs(model, dtype=self.dtype), bucket_bytes=self.cfg.sync_bucket_mb << 20)
         check_compatible([s for bucket in plan for s in bucket], self.known)
+        if not self.sender:
+            self.last_sync = self.syncer.sync(model)  # the gathers only
+            self._barrier()
+            return
         t = self.cfg.sync_timeout_s
         self._post("/pause?mode=wait", timeout=t)
         try:
@@ -216,6 +227,13 @@ class VLLMServerEngine(Engine):
                 self._post("/resume", timeout=t)
             raise
         self._post("/resume", timeout=t)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self._distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank generates before the server holds the new weights
 
     def close(self) -> None:
         syncer = getattr(self, "syncer", None)

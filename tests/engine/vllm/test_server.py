@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +55,7 @@ def server(vllm_tiny_dir, tmp_path_factory):
                     tail = log.read_text()[-3000:]
                     raise RuntimeError(f"vllm-serve not healthy in {START_TIMEOUT_S} s:\n{tail}") from None
                 time.sleep(1)
-        yield url, proc
+        yield url, proc, vllm_tiny_dir
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -111,6 +112,20 @@ def test_torch_distributed_path(server, vllm_tiny_dir):
         assert eng.last_sync.n_buckets > 5
     finally:
         eng.close()
+
+
+def test_fsdp2_two_ranks_sync_into_the_server(server, tmp_path):
+    """FSDP2 on 2 gloo ranks: full tensors gathered one at a time, sent by rank 0 into the server."""
+    out = tmp_path / "err.txt"
+    root = Path(__file__).resolve().parents[3]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tests.engine.vllm.fsdp_worker", server[0], server[2], str(out)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    err = float(out.read_text())
+    print(f"fsdp2 -> server: max |engine - trainer| log-prob = {err:.3g}")
+    assert err < checks.TOL, err
 
 
 def test_grpo_reward_rises(engine, vllm_tiny_dir, tmp_path):
