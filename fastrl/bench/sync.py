@@ -2,7 +2,7 @@
 
 Parameter sets are shaped like Qwen2 checkpoints (names, dtypes and shapes of every tensor; random
 values): on the CPU a 135M-parameter one (SmolLM-135M's sizes in Qwen2's layout: 30 layers, hidden 576,
-tied embeddings; 272 tensors, 270 MB in bf16), with ``--gpu`` Qwen2.5-1.5B and Qwen2.5-7B in bf16.
+tied embeddings; 362 tensors, 269 MB in bf16), with ``--gpu`` Qwen2.5-1.5B and Qwen2.5-7B in bf16.
 Each method moves every tensor of the trainer's set into an engine's own parameter set:
 
 - ``flat copy`` (baseline): one ``copy_`` of all the bytes, buffer to buffer: the memory-bandwidth floor

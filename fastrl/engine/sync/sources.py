@@ -19,9 +19,11 @@ which is what vLLM's ``load_weights`` / ``reload_weights`` take. The model may b
   parameter (plus, under LoRA, its two adapters) exists at a time, never the whole model. ``full_tensor``
   is a collective: every rank must iterate the stream, in the same order (it is deterministic).
 - Tied embeddings (``tie_word_embeddings``: ``lm_head.weight`` is ``model.embed_tokens.weight``): the
-  tensor is sent once, as ``model.embed_tokens.weight`` (the first name in module order). vLLM builds
-  ``lm_head`` as the same tensor as ``embed_tokens`` for such models and skips ``lm_head.weight`` when
-  loading, so that is the name it needs; an untied model sends both.
+  tensor is sent once, as ``model.embed_tokens.weight`` (the first name in module order). vLLM (0.32)
+  ties its ``lm_head`` to ``embed_tokens`` for such models (``ParallelLMHead.tie_weights``), and its
+  ``AutoWeightsLoader`` loads only the first name module traversal reaches for a tied parameter
+  (``model.embed_tokens.weight``), skipping the alias: that is the name it needs. An untied model sends
+  both.
 - Only parameters are sent: buffers (rotary ``inv_freq``) are computed by the engine itself.
 """
 
