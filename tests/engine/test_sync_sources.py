@@ -60,7 +60,13 @@ def test_policy_and_compile_wrappers_are_seen_through(seed):
     model = tiny_model(seed=seed % 1000)
     want = [n for n, _ in model.named_parameters()]
     assert [n for n, _ in iter_sync_weights(Policy(model))] == want
-    assert [n for n, _ in iter_sync_weights(torch.compile(Policy(model)))] == want
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: the module as ``_orig_mod``
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+    assert [n for n, _ in iter_sync_weights(Compiled(Policy(model)))] == want
 
 
 def test_tied_embeddings_are_sent_once_as_embed_tokens():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import traceback
 import weakref
 
@@ -28,18 +29,18 @@ from fastrl.engine.sync.verify import check_compatible, checksum
 _START_TIMEOUT_S = 120.0  # a spawned child imports torch; a busy machine is slow
 
 
-def _reply(conn, msg) -> None:
-    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+def _reply(conn, seq: int, msg) -> None:
+    conn.send_bytes(pickle.dumps((seq, msg), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _main(conn, specs, device: str, threads: int) -> None:
     torch.set_num_threads(threads)
     params = {n: torch.zeros(tuple(s), dtype=to_dtype(d), device=device) for n, d, s in specs}
     buffer = None
-    _reply(conn, ("ready", os.getpid()))
+    _reply(conn, 0, ("ready", os.getpid()))
     while True:
         try:
-            msg = pickle.loads(conn.recv_bytes())
+            seq, msg = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the sender is gone
         kind = msg[0]
@@ -69,19 +70,19 @@ def _main(conn, specs, device: str, threads: int) -> None:
                 reply = ("ok", {n: t.cpu() for n, t in params.items()})
             elif kind == "checksums":
                 reply = ("ok", {n: checksum(t) for n, t in params.items()})
-            elif kind == "stall":  # tests: stop answering (a stuck engine)
-                while True:
-                    conn.poll(3600)
+            elif kind == "stall":  # tests: a stuck engine, silent for msg[1] seconds
+                time.sleep(msg[1])
+                continue
             elif kind == "close":
                 if buffer is not None:
                     buffer.close()
-                _reply(conn, ("ok",))
+                _reply(conn, seq, ("ok",))
                 return
             else:
                 raise RuntimeError(f"unknown message {kind!r}")
         except Exception as err:
             reply = ("error", type(err).__name__, str(err) or traceback.format_exc(limit=3))
-        _reply(conn, reply)
+        _reply(conn, seq, reply)
 
 
 def _kill(proc) -> None:
@@ -157,8 +158,9 @@ class ReceiverProcess:
     def checksums(self) -> dict:
         return self.channel.request(("checksums",), "checksumming the parameters")[1]
 
-    def stall(self) -> None:
-        self.channel.send(("stall",))
+    def stall(self, seconds: float = 3600.0) -> None:
+        """Tests: the child stops answering for ``seconds`` (then serves what queued up, late)."""
+        self.channel.send(("stall", seconds))
 
     def close(self) -> None:
         """Ask the child to exit; kill it if it does not within the timeout. Safe to call twice."""

@@ -176,18 +176,22 @@ class Channel:
     """Request/reply over a ``multiprocessing`` connection, with a deadline on every reply.
 
     Messages are pickled explicitly (``send_bytes``), so tensors in them are copied, never turned into
-    shared-memory handles by torch's ``ForkingPickler`` reductions. A reply ``("error", kind, text)``
-    raises ``ValueError`` for ``kind == "ValueError"`` and :class:`SyncError` otherwise.
+    shared-memory handles by torch's ``ForkingPickler`` reductions. Each travels as ``(seq, msg)`` and the
+    peer answers ``(seq, reply)``: a late reply to a request that already timed out is dropped, never
+    taken for the answer to the next one. A reply ``("error", kind, text)`` raises ``ValueError`` for
+    ``kind == "ValueError"`` and :class:`SyncError` otherwise.
     """
 
     def __init__(self, conn, *, timeout_s: float = DEFAULT_TIMEOUT_S, peer=None, name: str = "receiver"):
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
         self.conn, self.timeout_s, self.peer, self.name = conn, float(timeout_s), peer, name
+        self.seq = 0  # of the last request sent; the peer's first message (start-up) carries 0
 
     def send(self, msg: Any) -> None:
+        self.seq += 1
         try:
-            self.conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            self.conn.send_bytes(pickle.dumps((self.seq, msg), protocol=pickle.HIGHEST_PROTOCOL))
         except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as err:
             raise SyncError(f"{self.name} is gone ({self._peer_state()}): {err}") from err
 
@@ -199,8 +203,10 @@ class Channel:
             try:
                 ready = self.conn.poll(max(0.0, min(left, 0.2)))
                 if ready:
-                    reply = pickle.loads(self.conn.recv_bytes())
-                    break
+                    seq, reply = pickle.loads(self.conn.recv_bytes())
+                    if seq == self.seq:
+                        break
+                    continue  # the late answer to a request that timed out
             except (EOFError, ConnectionResetError, BrokenPipeError, OSError) as err:
                 raise SyncError(f"{self.name} died during {what} ({self._peer_state()})") from err
             if self.peer is not None and not self.peer.is_alive():
