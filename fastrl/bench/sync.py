@@ -186,10 +186,16 @@ def _in_process_bucketed(ctx, bucket_bytes):
     return Method(name=f"in-process bucketed ({_size(bucket_bytes)})", setup=setup)
 
 
-def _receiver(ctx, specs):
+def _receiver(ctx, inputs):
+    """The case's receiver process, started by the first method that needs one and shared by the rest
+    (each start costs seconds); it is killed when the case's inputs are dropped (its finalizer)."""
     from fastrl.engine.sync.receiver import ReceiverProcess
 
-    return ReceiverProcess(specs, timeout_s=120, device=str(ctx.device), threads=1).start()
+    rx = inputs.get("_receiver")
+    if rx is None or rx.proc is None or not rx.proc.is_alive():
+        rx = ReceiverProcess(inputs["specs"], timeout_s=120, device=str(ctx.device), threads=1).start()
+        inputs["_receiver"] = rx
+    return rx
 
 
 def _process_per_param(ctx):
@@ -199,13 +205,13 @@ def _process_per_param(ctx):
         # Tensors with storages of their own, as real parameters have: pickling a view of the flat
         # set would serialise the whole storage each time.
         src = {n: t.clone() for n, t in inputs["src"].items()}
-        rx = _receiver(ctx, inputs["specs"])
+        rx = _receiver(ctx, inputs)
 
         def run():
             for name, t in src.items():
                 rx.send_tensor(name, t)
 
-        return _Timed(run, inputs, key="proc_param", device=ctx.device, cleanup=rx.close, skip=ctx.warmup)
+        return _Timed(run, inputs, key="proc_param", device=ctx.device, skip=ctx.warmup)
 
     return Method(name="separate process per-parameter (pickled tensor per message)", setup=setup)
 
@@ -215,14 +221,12 @@ def _process_bucketed(ctx, bucket_bytes, kind):
         from fastrl.engine.sync import WeightSyncer
 
         src, specs = inputs["src"], inputs["specs"]
-        rx = _receiver(ctx, specs)
+        rx = _receiver(ctx, inputs)
         syncer = WeightSyncer(
             rx.send_bucket, open_buffer=rx.open_buffer, bucket_bytes=bucket_bytes, device=ctx.device
         )
 
-        def cleanup():
-            syncer.close()
-            rx.close()
+        cleanup = syncer.close
 
         key = f"proc_bucket{bucket_bytes}"
         run = lambda: syncer.sync_stream(specs, src.items())  # noqa: E731
