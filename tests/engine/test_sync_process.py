@@ -42,6 +42,9 @@ def test_shared_buffer_unlink_keeps_the_mapping(tmp_path):
     path = lost.handle.path
     del lost  # never opened, never closed: the finalizer unlinks
     assert not os.path.exists(path)
+    with pytest.raises(SyncError, match="cannot reserve .* enlarge it"):
+        SharedBuffer.create(1 << 50, prefix="fastrl-test-huge")  # a PiB: more than any /dev/shm
+    assert not leftovers("fastrl-test-huge")
     with pytest.raises(ValueError, match="BufferHandle"):
         SharedBuffer.open({"kind": "shm"})
     with pytest.raises(ValueError, match="kind"):

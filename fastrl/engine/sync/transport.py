@@ -104,9 +104,19 @@ class SharedBuffer:
             path = os.path.join(shm_dir, name)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)  # never reuse someone's file
             try:
-                os.ftruncate(fd, nbytes)
-            finally:
+                # Reserve the pages now: a tmpfs that runs out later (docker's default /dev/shm is 64 MB)
+                # kills the writer with SIGBUS instead of raising.
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as err:
                 os.close(fd)
+                _unlink_quiet(path)
+                st = os.statvfs(shm_dir)
+                free_mib = st.f_bavail * st.f_frsize / 2**20
+                raise SyncError(
+                    f"cannot reserve {nbytes / 2**20:.0f} MiB in {shm_dir} ({free_mib:.0f} MiB free): "
+                    f"{err.strerror}; enlarge it (docker run --shm-size) or lower bucket_bytes"
+                ) from err
+            os.close(fd)
             try:
                 tensor = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
             except BaseException:
