@@ -30,8 +30,13 @@ def load(model_dir: str):
     return load_model_and_tokenizer(ModelConfig(name_or_path=model_dir), device="cpu")
 
 
+# Longer than two KV blocks (32 tokens on the CPU): vLLM caches full blocks of this shared prefix, so a
+# sync that kept the prefix cache would serve KV computed with the old weights (and fail the checks).
+PREFIX = "Add the two numbers below and answer with the digits of the sum only, nothing else. "
+
+
 def prompts(tok, n: int = 6) -> list[list[int]]:
-    texts = [f"{i}+{(3 * i) % 10}=" for i in range(n // 2)]
+    texts = [f"{PREFIX}{i}+{(3 * i) % 10}=" for i in range(n // 2)]
     return [tok.encode(t) for t in texts for _ in range(2)]  # repeated prompts: a GRPO group
 
 
@@ -70,14 +75,17 @@ def max_error(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def check_logprobs_after_step(engine, model_dir: str, case: str) -> float:
-    """Train one step, sync, sample: the engine's log-probs equal the trainer's within TOL; the weights
-    before the step would not (a missed sync fails). Returns the error."""
+    """Sample with the old weights (filling the prefix cache), train one step, sync, sample again: the
+    engine's log-probs equal the trainer's within TOL; the weights before the step would not (a missed
+    sync fails, and so does a sync that keeps the stale prefix cache). Returns the error."""
     model, tok = load(model_dir)
     before = copy.deepcopy(model)
-    training_step(model, tok)
-    engine.sync_weights(model)
     params = SamplingParams(max_new_tokens=8, seed=11, **PARAMS[case])
     p = prompts(tok)
+    engine.sync_weights(before)
+    engine.generate(p, params)  # the prompts' KV blocks, under the old weights, are now in the prefix cache
+    training_step(model, tok)
+    engine.sync_weights(model)
     out = engine.generate(p, params)
     assert len(out.completion_ids) == len(p) and all(len(c) > 0 for c in out.completion_ids)
     for ids, lps in zip(out.completion_ids, out.logprobs):
