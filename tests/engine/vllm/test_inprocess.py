@@ -79,3 +79,22 @@ def test_grpo_reward_rises(engine, vllm_tiny_dir, tmp_path):
     from tests.engine.vllm.grpo_run import run_and_check
 
     run_and_check(engine, vllm_tiny_dir, tmp_path)
+
+
+@pytest.mark.gpu
+def test_sleep_mode_on_cuda(vllm_tiny_dir):
+    """CUDA only: the engine sleeps after generate (level 1), a sync wakes the weights, loads, wakes the
+    KV cache; log-probs still match the trainer."""
+    model, tok = checks.load(vllm_tiny_dir)
+    model.cuda()
+    eng = build_engine(
+        EngineConfig(kind="vllm", enable_sleep_mode=True, gpu_memory_utilization=0.2), model, tok
+    )
+    try:
+        assert eng.sleep_mode
+        eng.generate(checks.prompts(tok, 2), checks.SamplingParams(max_new_tokens=4, seed=1))
+        assert eng._asleep
+        model.cpu()
+        checks.check_logprobs_after_step(eng, vllm_tiny_dir, "t07_topk_topp")
+    finally:
+        eng.close()
