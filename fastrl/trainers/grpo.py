@@ -292,9 +292,14 @@ def run_grpo(
         dataset=dataset,
     )
     rows = prepare_prompts(dataset, tokenizer, cfg.data)
-    if engine is None:
+    built = engine is None
+    if built:
         engine = build_engine(cfg.engine, model, tokenizer)
-    step = GRPOStep(policy, ref, tokenizer, rows, funcs, engine, cfg, device)
-    out = train_run(step, cfg, model=model, tokenizer=tokenizer, desc="grpo")
+    try:
+        step = GRPOStep(policy, ref, tokenizer, rows, funcs, engine, cfg, device)
+        out = train_run(step, cfg, model=model, tokenizer=tokenizer, desc="grpo")
+    finally:
+        if built:
+            engine.close()  # a vLLM engine holds a process, a KV cache and a checkpoint folder
     out["generate_calls"] = step.generate_calls
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+import weakref
 
 import torch
 
@@ -51,6 +52,8 @@ class VLLMEngine(Engine):
         self.sleep_mode = cfg.enable_sleep_mode and common.on_cuda()
         self._asleep = False
         self._dir = common.write_start_checkpoint(model, self.dtype)
+        # Removed at close(), or at exit for an engine nobody closed.
+        self._dir_finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         try:
             common.set_vllm_env(multiprocessing=cfg.separate_process, cfg=cfg)
             kw = common.engine_kwargs(cfg, str(self._dir), dtype=self.dtype, external_launcher=external)
