@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from fastrl.engine import EngineConfig
 from fastrl.losses.grpo_config import GRPOLossConfig
 from fastrl.models import ModelConfig
 from fastrl.trainers.core import OptimConfig, TrainConfig
@@ -32,7 +33,10 @@ def run_and_check(engine, model_dir: str, out_dir, *, steps: int = 12) -> list[f
         ),
         loss=GRPOLossConfig(),
     )  # fmt: skip
-    engine.cfg.verify_sync = False
+    if isinstance(engine, EngineConfig):  # built by run_grpo from the config, as `fastrl grpo` does
+        cfg.engine, engine = engine, None
+    else:
+        engine.cfg.verify_sync = False
     out = run_grpo(cfg, dataset=rows(), reward_funcs=[count_a], engine=engine)
     rewards = [r["reward"] for r in out["history"]]
     print("rewards:", [round(r, 3) for r in rewards])

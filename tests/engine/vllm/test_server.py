@@ -128,10 +128,11 @@ def test_fsdp2_two_ranks_sync_into_the_server(server, tmp_path):
     assert err < checks.TOL, err
 
 
-def test_grpo_reward_rises(engine, vllm_tiny_dir, tmp_path):
+def test_grpo_reward_rises(server, vllm_tiny_dir, tmp_path):
+    from fastrl.engine import EngineConfig
     from tests.engine.vllm.grpo_run import run_and_check
 
-    run_and_check(engine, vllm_tiny_dir, tmp_path)
+    run_and_check(EngineConfig(kind="vllm_server", base_url=server[0]), vllm_tiny_dir, tmp_path)
 
 
 def test_server_killed_mid_sync(engine, server, vllm_tiny_dir):
