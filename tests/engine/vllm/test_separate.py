@@ -51,10 +51,12 @@ def test_unknown_names_are_refused(engine, vllm_tiny_dir):
     checks.check_unknown_names_refused(engine, vllm_tiny_dir)
 
 
-def test_grpo_reward_rises(engine, vllm_tiny_dir, tmp_path):
+def test_grpo_reward_rises(vllm_tiny_dir, tmp_path):
+    """run_grpo builds its separate-process engine from the config, as `fastrl grpo` does, and closes it."""
     from tests.engine.vllm.grpo_run import run_and_check
 
-    run_and_check(engine, vllm_tiny_dir, tmp_path)
+    cfg = EngineConfig(kind="vllm", separate_process=True, kv_cache_space_gb=1)
+    run_and_check(cfg, vllm_tiny_dir, tmp_path)
 
 
 def test_engine_killed_mid_sync(engine, vllm_tiny_dir):
