@@ -26,6 +26,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 
 import torch
 
@@ -77,6 +78,7 @@ class VLLMServerEngine(Engine):
             sender=self.sender,
         )
         self.last_sync = None
+        self._buffer_key = uuid.uuid4().hex  # this client's buffer in the worker
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="fastrl-http")
 
     # ---- HTTP ----------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ class VLLMServerEngine(Engine):
 
     # ---- weights -------------------------------------------------------------------------------------
     def _open_buffer(self, handle) -> None:
-        self._rpc("fastrl_open_buffer", common.pack(handle))
+        self._rpc("fastrl_open_buffer", common.pack((self._buffer_key, handle)))
 
     def _ensure_group(self) -> None:
         """A two-rank process group with the server's worker (rank 1); the trainer is rank 0."""
@@ -189,7 +191,7 @@ class VLLMServerEngine(Engine):
         self._store = store
 
     def _send_bucket(self, bucket):
-        request = common.pack((bucket.slots, bucket.verify))
+        request = common.pack((self._buffer_key, bucket.slots, bucket.verify))
         if self.backend == "shm":
             return common.unpack(self._rpc("fastrl_load_bucket", request))
         self._ensure_group()
@@ -238,6 +240,9 @@ class VLLMServerEngine(Engine):
     def close(self) -> None:
         syncer = getattr(self, "syncer", None)
         if syncer is not None:
+            if syncer.buffer is not None and self.backend == "shm":
+                with contextlib.suppress(ServerError):  # the server outlives us: drop our mapping there
+                    self._rpc("fastrl_close_buffer", self._buffer_key, timeout=self.cfg.connect_timeout_s)
             syncer.close()
         pool = getattr(self, "_pool", None)
         if pool is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+import uuid
 import weakref
 
 import torch
@@ -73,6 +74,7 @@ class VLLMEngine(Engine):
             dtype=self.dtype,
         )
         self.last_sync = None
+        self._buffer_key = uuid.uuid4().hex  # this client's buffer in the worker
 
     # ---- RPC -----------------------------------------------------------------------------------------
     def engine_pid(self) -> int | None:
@@ -101,13 +103,15 @@ class VLLMEngine(Engine):
 
     # ---- weights -------------------------------------------------------------------------------------
     def _open_buffer(self, handle) -> None:
-        self._rpc("fastrl_open_buffer", common.pack(handle))
+        self._rpc("fastrl_open_buffer", common.pack((self._buffer_key, handle)))
 
     def _send_bucket(self, bucket):
         from fastrl.engine.sync import unpack_bucket
 
         if self.cfg.separate_process:
-            return common.unpack(self._rpc("fastrl_load_bucket", common.pack((bucket.slots, bucket.verify))))
+            return common.unpack(
+                self._rpc("fastrl_load_bucket", common.pack((self._buffer_key, bucket.slots, bucket.verify)))
+            )
         return self._rpc("fastrl_load_tensors", unpack_bucket(bucket.buffer, bucket.slots), bucket.verify)
 
     def sync_weights(self, model) -> None:

@@ -51,17 +51,19 @@ class FastrlWorkerExtension:
                     known[name] = (dtype if floating else _st_dtype(sl.get_dtype()), shape)
         return pack(known)
 
-    def fastrl_open_buffer(self, handle: str) -> int:
-        """Map the trainer's shared buffer (a /dev/shm file on the CPU, CUDA IPC on GPUs) once;
-        ``handle`` is a packed ``BufferHandle``."""
+    def fastrl_open_buffer(self, request: str) -> int:
+        """Map a trainer's shared buffer (a /dev/shm file on the CPU, CUDA IPC on GPUs) once; ``request``
+        is a packed ``(key, BufferHandle)``. Buffers are kept per key: one server may serve several
+        clients over its life, each with its own buffer."""
         from fastrl.engine.sync import SharedBuffer
 
-        handle = unpack(handle)
-        old = getattr(self, "_fastrl_buffer", None)
+        key, handle = unpack(request)
+        buffers = self.__dict__.setdefault("_fastrl_buffers", {})
+        old = buffers.pop(key, None)
         if old is not None:
             old.close()
-        self._fastrl_buffer = SharedBuffer.open(handle)
-        return int(self._fastrl_buffer.tensor.numel())
+        buffers[key] = SharedBuffer.open(handle)
+        return int(buffers[key].tensor.numel())
 
     def fastrl_begin_update(self) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
@@ -70,14 +72,14 @@ class FastrlWorkerExtension:
         self._fastrl_loaded = set()
 
     def fastrl_load_bucket(self, request: str) -> str:
-        """Load the tensors described by ``request`` (packed ``(slots, verify)``) from the shared buffer;
-        returns the packed ``{name: checksum}`` of what arrived with ``verify``, else packed None."""
+        """Load the tensors described by ``request`` (packed ``(key, slots, verify)``) from buffer
+        ``key``; returns the packed ``{name: checksum}`` of what arrived with ``verify``, else None."""
         from fastrl.engine.sync import receive
 
-        slots, verify = unpack(request)
-        buffer = getattr(self, "_fastrl_buffer", None)
+        key, slots, verify = unpack(request)
+        buffer = self.__dict__.get("_fastrl_buffers", {}).get(key)
         if buffer is None:
-            raise RuntimeError("fastrl_load_bucket before fastrl_open_buffer")
+            raise RuntimeError(f"fastrl_load_bucket: no buffer {key!r} (fastrl_open_buffer first)")
         # Copies: a layer's weights wait in vLLM's layer-wise loader until the whole layer has arrived,
         # and the next bucket overwrites the buffer.
         return pack(self._fastrl_load(receive(buffer.tensor, slots, copy=True), verify))
@@ -137,11 +139,10 @@ class FastrlWorkerExtension:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def fastrl_close_buffer(self) -> None:
-        buffer = getattr(self, "_fastrl_buffer", None)
+    def fastrl_close_buffer(self, key: str) -> None:
+        buffer = self.__dict__.get("_fastrl_buffers", {}).pop(key, None)
         if buffer is not None:
             buffer.close()
-            self._fastrl_buffer = None
 
 
 def _st_dtype(code: str) -> torch.dtype:
