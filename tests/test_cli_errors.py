@@ -179,7 +179,7 @@ CASES = [
     ("tensorboard-missing", f"{SFT} --train.tensorboard", 2,
      "train.tensorboard needs the tensorboard package",
      "tensorboard is installed" if HAS_TB else None),
-    ("engine-vllm", f"{GRPO} --engine.kind vllm", 2, "engine.kind 'vllm': the vLLM engines",
+    ("engine-vllm", f"{GRPO} --engine.kind vllm", 2, "engine.kind 'vllm': vLLM is not installed",
      "vllm is installed" if HAS_VLLM else None),
 ]  # fmt: skip
 

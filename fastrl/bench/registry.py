@@ -16,6 +16,7 @@ SUITES: dict[str, str] = {
     "native": "fastrl.bench.native",
     "grpo_step": "fastrl.bench.grpo_step",  # filled in by the trainers
     "generate": "fastrl.bench.generate",  # the hf engine against transformers generate
+    "sync": "fastrl.bench.sync",
 }
 
 

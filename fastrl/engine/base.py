@@ -2,23 +2,43 @@
 
 The trainer calls ``engine.generate(prompt_ids, params)`` and, after each optimizer step,
 ``engine.sync_weights(model)``; it never branches on the engine kind. ``build_engine`` is the only place
-that does.
+that does, through a small registry: each kind registers its builder (``register_engine``) in the module
+that implements it, and ``build_engine`` imports that module on first use (``_PROVIDERS``), so this file
+imports no engine and fastrl without the vllm extra never imports vLLM.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
 ENGINE_KINDS = ("hf", "vllm", "vllm_server")
-# The one wording of "no vLLM yet", shared by `--engine.kind vllm`/`vllm_server` and `fastrl vllm-serve`.
-VLLM_UNAVAILABLE = (
-    "the vLLM engines and `fastrl vllm-serve` are not in this fastrl release yet (they will need the vllm "
-    "extra, pip install 'fastrl[vllm]'); use engine.kind 'hf'"
-)
+
+# kind -> the module whose import registers its builder (kept as strings: importing them here is the circle
+# this registry exists to avoid).
+_PROVIDERS = {"hf": "fastrl.engine.hf", "vllm": "fastrl.engine.vllm", "vllm_server": "fastrl.engine.vllm"}
+_BUILDERS: dict[str, Callable] = {}
+
+# kv_cache_dtype values vLLM accepts; "auto" follows the model's dtype.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def register_engine(kind: str, builder: Callable | None = None):
+    """Register ``builder(model, tokenizer, cfg) -> Engine`` for ``kind`` (usable as a decorator)."""
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"kind must be one of {ENGINE_KINDS}, got {kind!r}")
+
+    def _register(fn: Callable) -> Callable:
+        _BUILDERS[kind] = fn
+        return fn
+
+    return _register if builder is None else _register(builder)
 
 
 def _is_int(x) -> bool:
@@ -79,11 +99,18 @@ class GenerationOutput:
     """One entry per prompt, in prompt order.
 
     ``completion_ids[i]``: the generated tokens, no padding, ending with the EOS/stop token when one was
-    generated. ``logprobs[i][t]``: the log-probability of ``completion_ids[i][t]`` under the distribution
-    it was sampled from, ``log softmax(filter(logits / temperature))[token]`` with top-k, then top-p
-    applied and the kept tokens renormalised (``SamplingParams``); without top-k/top-p that is the full
-    temperature-scaled softmax. Greedy (``temperature == 0``): ``log_softmax(logits)[token]`` at
-    temperature 1, full vocabulary. ``truncated[i]``: no EOS/stop token within ``max_new_tokens``.
+    generated. ``truncated[i]``: no EOS/stop token within ``max_new_tokens``.
+
+    ``logprobs[i][t]`` is the log-probability of ``completion_ids[i][t]`` under the distribution it was
+    sampled from, the one every engine (hf, vllm, vllm_server) reports. With ``z = logits / temperature``
+    and ``K`` the tokens that top-k and then top-p keep (see ``SamplingParams``)::
+
+        logprobs[i][t] = z[tok] - logsumexp(z[K])        (tok is always in K: it was sampled from K)
+
+    so with ``top_k = 0, top_p = 1`` it is ``log_softmax(logits / temperature)[tok]``. Greedy decoding
+    (``temperature == 0``) samples from no distribution; it reports ``log_softmax(logits)[tok]``, the
+    temperature-1 distribution without filtering. This is the quantity GRPO's importance-sampling
+    correction (``engine_logp``) needs: the behaviour policy's probability of the action it took.
     """
 
     completion_ids: list[list[int]]
@@ -92,7 +119,9 @@ class GenerationOutput:
 
 
 class Engine(abc.ABC):
-    """A generation engine. Implementations: ``fastrl.engine.hf.HFEngine`` (embedded)."""
+    """A generation engine. Implementations: ``fastrl.engine.hf.HFEngine`` (embedded),
+    ``fastrl.engine.vllm.VLLMEngine`` (vLLM in this process or its own) and
+    ``fastrl.engine.vllm.VLLMServerEngine`` (a ``fastrl vllm-serve`` server over HTTP)."""
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> GenerationOutput:
@@ -140,7 +169,10 @@ class EngineConfig:
     )
     kv_cache_dtype: str = field(default="auto", metadata={"help": "KV cache dtype (vllm)."})
     enable_sleep_mode: bool = field(
-        default=True, metadata={"help": "Free vLLM's memory between generations (vllm)."}
+        default=True,
+        metadata={
+            "help": "Free vLLM's memory between generations (vllm; CUDA only, elsewhere off with a warning)."
+        },
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size (vllm)."})
     base_url: str | None = field(
@@ -163,6 +195,53 @@ class EngineConfig:
     compile_backend: str = field(
         default="inductor", metadata={"help": "torch.compile backend of the decode step (hf, with compile)."}
     )
+    # --- vLLM engines (vllm, vllm_server): one block, so other engines' fields merge around it ---
+    separate_process: bool = field(
+        default=False,
+        metadata={"help": "Run vLLM in its own process; weights cross through one shared buffer (vllm)."},
+    )
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "Longest prompt + completion vLLM serves; None: the model's own."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": f"vLLM's weight dtype, one of {MODEL_DTYPES}; auto: the model's."}
+    )
+    seed: int = field(default=0, metadata={"help": "vLLM's seed (sampling is also seeded per request)."})
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "KV cache block size; None: vLLM's default (a multiple of 32 on CPU)."},
+    )
+    kv_cache_space_gb: float | None = field(
+        default=None,
+        metadata={"help": "KV cache size on the CPU in GiB (VLLM_CPU_KVCACHE_SPACE); None: vLLM's default."},
+    )
+    enforce_eager: bool = field(
+        default=True, metadata={"help": "No CUDA graphs / torch.compile in vLLM (fast start-up)."}
+    )
+    sync_bucket_mb: int = field(
+        default=512,
+        metadata={"help": "Size of the flat weight-sync bucket in MiB; a larger tensor goes alone."},
+    )
+    verify_sync: bool = field(
+        default=False, metadata={"help": "After each sync, the engine checks every tensor's checksum."}
+    )
+    sync_timeout_s: float = field(
+        default=300.0, metadata={"help": "Most seconds one weight sync (or engine start) may take."}
+    )
+    request_timeout_s: float = field(
+        default=600.0, metadata={"help": "Most seconds one generate call may take (vllm_server)."}
+    )
+    connect_timeout_s: float = field(
+        default=10.0, metadata={"help": "Most seconds to reach base_url before giving up (vllm_server)."}
+    )
+    sync_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "vllm_server weight path: shm (same host), dist (torch.distributed group) or auto (shm "
+            "when base_url's host is this machine)."
+        },
+    )
+    # --- end of the vLLM block ---
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in ENGINE_KINDS:
@@ -193,14 +272,48 @@ class EngineConfig:
             )
         if self.kind == "vllm_server" and not self.base_url:
             raise ValueError("kind='vllm_server' needs base_url (the server's http://host:port)")
+        self._check_vllm_fields()
+
+    def _check_vllm_fields(self) -> None:
+        for name in ("separate_process", "verify_sync", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("max_model_len", "block_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if not _is_int(self.sync_bucket_mb) or self.sync_bucket_mb <= 0:
+            raise ValueError(f"sync_bucket_mb must be a positive int (MiB), got {self.sync_bucket_mb!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        for name in ("sync_timeout_s", "request_timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.kv_cache_space_gb is not None and (
+            not _is_number(self.kv_cache_space_gb) or not 0 < self.kv_cache_space_gb < math.inf
+        ):
+            raise ValueError(
+                f"kv_cache_space_gb must be a positive number of GiB or None, got {self.kv_cache_space_gb!r}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+        if self.sync_backend not in ("auto", "shm", "dist"):
+            raise ValueError(f"sync_backend must be auto, shm or dist, got {self.sync_backend!r}")
+        if self.base_url is not None and (
+            not isinstance(self.base_url, str) or not self.base_url.startswith(("http://", "https://"))
+        ):
+            raise ValueError(f"base_url must be an http(s)://host:port URL, got {self.base_url!r}")
+        if self.separate_process and self.kind != "vllm":
+            raise ValueError(f"separate_process applies to kind='vllm' only, got kind={self.kind!r}")
 
 
 def build_engine(cfg: EngineConfig, model: nn.Module, tokenizer) -> Engine:
     """The engine of kind ``cfg.kind`` serving ``model`` (whose weights it generates with)."""
     if not isinstance(cfg, EngineConfig):
         raise ValueError(f"cfg must be an EngineConfig, got {type(cfg).__name__}")
-    if cfg.kind == "hf":
-        from fastrl.engine.hf import HFEngine
-
-        return HFEngine(model, tokenizer, cfg)
-    raise ValueError(f"engine.kind {cfg.kind!r}: {VLLM_UNAVAILABLE}")
+    if cfg.kind not in _BUILDERS:
+        importlib.import_module(_PROVIDERS[cfg.kind])  # registers the kind
+    return _BUILDERS[cfg.kind](model, tokenizer, cfg)

@@ -58,7 +58,7 @@ from fastrl.engine._kv import (
     growing_cache,
     register_shared_prefix_attention,
 )
-from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams
+from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams, register_engine
 from fastrl.engine.sampling import sample_next
 from fastrl.models.heads import causal_lm
 from fastrl.models.modes import eval_mode
@@ -381,3 +381,6 @@ class HFEngine(Engine):
             (tokens[i, : first[i]].tolist(), logps[i, : first[i]].tolist(), not bool(stops[i].any()))
             for i in range(n)
         ]
+
+
+register_engine("hf", HFEngine)

@@ -283,13 +283,10 @@ def run_grpo(
     )
     if not funcs:
         raise ValueError("grpo.reward_funcs must name at least one reward function")
-    if fsdp and engine is None and (cfg.engine.kind != "hf" or cfg.engine.compile):
-        # vLLM would need the gathered weights synced in; a compiled decode step captures parameter
-        # addresses, which FSDP's gathered buffers do not keep from one round to the next.
-        raise ValueError(
-            f"under train.fsdp the engine must be engine.kind 'hf' without engine.compile, got "
-            f"kind={cfg.engine.kind!r} compile={cfg.engine.compile}"
-        )
+    if fsdp and engine is None and cfg.engine.kind == "hf" and cfg.engine.compile:
+        # A compiled decode step captures parameter addresses, which FSDP's gathered buffers do not keep
+        # from one round to the next. (vLLM engines get full tensors streamed by the weight sync.)
+        raise ValueError("under train.fsdp the hf engine cannot use engine.compile")
     model, tokenizer, ref, policy, dataset = setup_run(
         cfg,
         device,
@@ -300,9 +297,14 @@ def run_grpo(
         dataset=dataset,
     )
     rows = prepare_prompts(dataset, tokenizer, cfg.data)
-    if engine is None:
+    built = engine is None
+    if built:
         engine = build_engine(cfg.engine, model, tokenizer)
-    step = GRPOStep(policy, ref, tokenizer, rows, funcs, engine, cfg, device)
-    out = train_run(step, cfg, model=model, tokenizer=tokenizer, desc="grpo")
+    try:
+        step = GRPOStep(policy, ref, tokenizer, rows, funcs, engine, cfg, device)
+        out = train_run(step, cfg, model=model, tokenizer=tokenizer, desc="grpo")
+    finally:
+        if built:
+            engine.close()  # a vLLM engine holds a process, a KV cache and a checkpoint folder
     out["generate_calls"] = step.generate_calls
     return out
