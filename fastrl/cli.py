@@ -5,6 +5,7 @@
     fastrl grpo --config run.yaml [--section.key value ...]   GRPO
     fastrl bench [--suite S ...] [--gpu] [--out DIR]         the benchmark suite
     fastrl demo [...]                                        SFT -> GRPO -> DPO of a tiny local model
+    fastrl demo --model smollm2 [...]                        GRPO on SmolLM2-135M-Instruct (CPU)
     fastrl vllm-serve                                        (needs the vllm extra)
 
 A training command maps its YAML file and overrides onto the trainer's run-config dataclass
@@ -31,7 +32,8 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
 }
 OTHER = {
     "bench": "run the benchmark suite (fastrl bench --help)",
-    "demo": "SFT, then GRPO, then DPO of a tiny locally built model (CPU, no downloads)",
+    "demo": "SFT, then GRPO, then DPO of a tiny locally built model (CPU, no downloads); --model smollm2: "
+    "GRPO on SmolLM2-135M-Instruct (the smollm2 extra)",
     "vllm-serve": "serve the policy with vLLM for the vllm_server engine (needs the vllm extra)",
 }
 
