@@ -111,16 +111,42 @@ def correct_reward(completions, answer, **_) -> list[float]:
     return [float(parse_answer(c) == int(a)) for c, a in zip(completions, answer)]
 
 
-def make_format_reward(eos_token_id: int):
+def make_format_reward(eos_token_id: int | None):
+    """The format reward: ``FORMAT_WEIGHT`` when the completion ends on a line ``Answer: N`` and (unless
+    ``eos_token_id`` is None) stopped there with EOS rather than running out of tokens."""
+
     def format_reward(completions, completion_ids, **_) -> list[float]:
-        """``FORMAT_WEIGHT`` when the completion stopped (EOS) right after a final ``Answer: N`` line."""
-        return [
-            FORMAT_WEIGHT
-            * float(bool(ids) and ids[-1] == eos_token_id and bool(_FINAL_LINE.search(c.strip())))
-            for c, ids in zip(completions, completion_ids)
-        ]
+        out = []
+        for c, ids in zip(completions, completion_ids):
+            stopped = eos_token_id is None or (bool(ids) and ids[-1] == eos_token_id)
+            out.append(FORMAT_WEIGHT * float(stopped and bool(_FINAL_LINE.search(c.strip()))))
+        return out
 
     return format_reward
+
+
+# For a config file (``grpo.reward_funcs: [fastrl.demo_smollm2:format_reward]``): the text check only.
+format_reward = make_format_reward(None)
+
+
+def write_data(folder: str, *, seed: int = 0, plan: SmolPlan | None = None) -> tuple[Path, Path]:
+    """The demo's train and held-out problems as ``train.jsonl`` / ``eval.jsonl`` (``prompt`` a chat,
+    ``answer`` an int) for ``fastrl grpo --config configs/grpo_smollm2-135m_arith.yaml``."""
+    plan = plan or SmolPlan()
+    rng = random.Random(seed)
+    eval_rows = make_split(plan.n_eval, rng, plan.max_number, set())
+    train_rows = make_split(plan.n_train, rng, plan.max_number, {r["question"] for r in eval_rows})
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+        path = out / f"{name}.jsonl"
+        text = "".join(
+            json.dumps({"prompt": chat(r["question"]), "answer": r["answer"]}) + "\n" for r in rows
+        )
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int) -> dict:
@@ -317,7 +343,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default 30)")
+    parser.add_argument(
+        "--write-data", metavar="DIR", default=None, help="only write the problems as train/eval.jsonl to DIR"
+    )
     args = parser.parse_args(argv)
+    if args.write_data:
+        train, held_out = write_data(args.write_data, seed=args.seed)
+        print(f"wrote {train} and {held_out}")
+        return {"train": str(train), "eval": str(held_out)}
     return run_smollm2_demo(
         args.output_dir,
         quick=args.quick,
