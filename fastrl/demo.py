@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +291,17 @@ def curves_figure(summary: dict):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="tiny")
+    if pre.parse_known_args(argv)[0].model == "smollm2":  # GRPO on a real instruct model
+        from fastrl.demo_smollm2 import main as smollm2_main
+
+        return smollm2_main(argv)
     parser = argparse.ArgumentParser(prog="fastrl demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", choices=("tiny", "smollm2"), default="tiny", help="smollm2: fastrl.demo_smollm2"
+    )
     parser.add_argument("--output-dir", default="outputs/demo", help="where summary.json and the plot go")
     parser.add_argument("--quick", action="store_true", help="a shorter run (the test uses it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and training")

@@ -41,6 +41,10 @@ def test_fastrl_step_runs_in_its_worker_and_reports_tokens_and_memory():
     assert got["tokens_per_s"] > 0
     assert got["extra_mib"] > 0  # the worker's weights, optimizer and activations at least
     assert "tokens/s" in got["note"]
+    parts = got["parts_s"]  # every part measured, the generation a real share of the step
+    assert set(parts) == set(grpo_step.PART_KEYS) and all(v >= 0 for v in parts.values()), parts
+    assert parts["generate"] > 0 and parts["optimizer"] > 0 and parts["logprob_passes"] == 0  # beta 0
+    assert sum(parts.values()) <= 1.05 * max(row.ms_all) / 1e3, (parts, row.ms_all)
 
 
 def test_trl_is_skipped_cleanly_when_not_importable(monkeypatch):
@@ -84,3 +88,29 @@ def test_fastrl_step_on_the_gpu_reports_cuda_peak_memory():
     assert row.status == "ok", row.status
     got = grpo_step.RESULTS[(case.name, row.method)]
     assert got["tokens_per_s"] > 0 and got["extra_mib"] > 0
+
+
+def test_real_model_case_uses_the_folder_and_chat_prompts(tmp_path, monkeypatch):
+    """``--model``: the case loads the given folder and counts completion tokens only (prompt_len 0)."""
+    from fastrl.models.tiny import build_char_tokenizer, build_tiny_model, save_tiny
+
+    tok = build_char_tokenizer()
+    folder = str(save_tiny(tmp_path / "m", model=build_tiny_model(tok, seed=0), tokenizer=tok))
+    s = dict(prompts=2, generations=2, prompt_len=0, completion_len=6, bf16=False, fixed_length=False)
+    real = dict(
+        model_dir=folder, prompts=grpo_step.chat_prompts(8, seed=0), sizes={**s, "max_prompt_len": 256}
+    )
+    monkeypatch.setattr(grpo_step, "REAL_MODEL", real)
+    ctx = _ctx()
+    (case,) = grpo_step.build(ctx, ceilings(CPU, torch.float32))
+    assert [m.name for m in case.methods] == ["fastrl (hf engine)", "TRL GRPOTrainer"]
+    case.methods = case.methods[:1]
+    (row,) = run_case(case, ctx)
+    assert row.status == "ok", row.status
+    got = grpo_step.RESULTS[(case.name, row.method)]
+    assert 4 <= got["tokens_per_step"] <= 4 * 6  # 2 x 2 completions of 1..6 tokens, no prompt tokens
+
+
+def test_main_refuses_gguf_file_without_model():
+    with pytest.raises(ValueError, match="--gguf-file needs --model"):
+        grpo_step.main(["--gguf-file", "x.gguf", "--no-plot", "--no-progress"])

@@ -26,6 +26,18 @@ whole run (weights, optimizer, generation and training included); on the CPU the
 set: ``VmHWM`` (reset through ``/proc/self/clear_refs`` after the imports) minus ``VmRSS`` at that point.
 The harness itself cannot see another process's memory; the step carries ``report()`` with
 ``extra_mib`` and a tokens/s note, which ``python -m fastrl.bench.grpo_step`` writes into the rows.
+
+A real model: ``python -m fastrl.bench.grpo_step --model PATH [--gguf-file F]`` runs the same two trainers
+on a local Hugging Face folder (or the safetensors folder a GGUF file is dequantised to, once, by
+``fastrl.models.gguf``; both trainers then load that folder), with chat prompts (arithmetic questions in
+the model's own chat template, through its real tokenizer), ``--prompts`` x ``--generations`` completions
+of at most ``--max-new-tokens``, fp32, temperature 1, beta 0. Both trainers stop at EOS (no
+``min_new_tokens``: fastrl's engine has none), so the token count is what each actually generated, and
+only completion tokens count (tokens/s = completion tokens / step seconds). fastrl's step is also split
+into its parts, timed in the worker: ``generate`` (the engine), ``logprob_passes`` (old / reference
+log-prob passes of the rollout: none at beta 0 with one iteration), ``optimizer`` (AdamW, from the
+optimizer's pre- to post-hook) and ``loss_backward_other`` (the rest: rewards, collation, the loss's
+forward and the backward).
 """
 
 from __future__ import annotations
@@ -46,6 +58,8 @@ from fastrl.bench.harness import BenchContext, Case, Method, Skip
 MiB = 2**20
 STEP_TIMEOUT_S = 900.0
 RESULTS: dict[tuple[str, str], dict[str, Any]] = {}  # (case, method) -> the last report, for main()
+REAL_MODEL: dict[str, Any] = {}  # set by main() for --model: {"model_dir", "prompts", "sizes"}
+PART_KEYS = ("generate", "logprob_passes", "optimizer", "loss_backward_other")
 
 
 def sizes(ctx: BenchContext) -> dict[str, Any]:
@@ -87,6 +101,32 @@ def save_model(directory: str, s: dict[str, Any], *, seed: int) -> str:
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(tok, key))
     return str(save_tiny(directory, model=model, tokenizer=tok))
+
+
+def chat_prompts(n: int, *, seed: int) -> list[list[dict]]:
+    """Arithmetic questions as one-turn chats (the trainers apply the tokenizer's chat template)."""
+    rng = random.Random(seed)
+    return [
+        [
+            {
+                "role": "user",
+                "content": f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Explain briefly.",
+            }
+        ]
+        for _ in range(n)
+    ]
+
+
+def real_model_dir(path: str, gguf_file: str | None) -> str:
+    """``path`` itself, or the dequantised safetensors folder of ``path/gguf_file`` (cached)."""
+    if not gguf_file:
+        if not os.path.isdir(path):
+            raise ValueError(f"--model: {path!r} is not a folder")
+        return path
+    from fastrl.models import ModelConfig
+    from fastrl.models.gguf import gguf_source
+
+    return gguf_source(ModelConfig(name_or_path=path, gguf_file=gguf_file)).name_or_path
 
 
 def prompts(n: int, length: int, *, seed: int) -> list[str]:
@@ -143,7 +183,7 @@ def _fastrl_runner(spec: dict, reward, out_dir: str):
     s = spec["sizes"]
     cfg = GRPORunConfig(
         model=ModelConfig(name_or_path=spec["model_dir"], torch_dtype="float32"),
-        data=DataConfig(max_prompt_length=s["prompt_len"]),
+        data=DataConfig(max_prompt_length=s.get("max_prompt_len", s["prompt_len"])),
         optim=OptimConfig(lr=1e-6, schedule="constant"),
         train=TrainConfig(
             output_dir=out_dir,
@@ -175,7 +215,7 @@ def _trl_runner(spec: dict, reward, out_dir: str):
         gradient_accumulation_steps=1,
         num_generations=s["generations"],
         max_completion_length=s["completion_len"],
-        generation_kwargs={"min_new_tokens": s["completion_len"]},
+        generation_kwargs={"min_new_tokens": s["completion_len"]} if s.get("fixed_length", True) else None,
         temperature=1.0,
         beta=0.0,
         loss_type="dapo",
@@ -194,6 +234,38 @@ def _trl_runner(spec: dict, reward, out_dir: str):
     data = datasets.Dataset.from_list([{"prompt": p} for p in spec["prompts"]])
     trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[reward], args=args, train_dataset=data)
     return trainer.train
+
+
+def _time_fastrl_parts(parts: dict[str, float]) -> None:
+    """Accumulate the seconds spent in the engine's ``generate`` and in the rollout's log-prob passes."""
+    import fastrl.trainers.rollout as rollout
+    from fastrl.engine.base import Engine
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                parts[key] += time.perf_counter() - t0
+
+        return wrapper
+
+    rollout.completion_logps = timed(rollout.completion_logps, "logprob_passes")
+    for cls in _engine_classes(Engine):
+        if "generate" in vars(cls):
+            cls.generate = timed(cls.generate, "generate")
+
+
+def _engine_classes(base) -> list[type]:
+    import fastrl.engine.hf  # noqa: F401  (registers the hf engine class)
+
+    out, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
 
 
 class _Stop(BaseException):  # noqa: N818 (a signal; BaseException so the trainers' handlers let it pass)
@@ -241,6 +313,13 @@ def _worker(conn, spec: dict) -> None:
             runner_of = _fastrl_runner
         memory = _Memory(spec["device"] == "cuda")
         prompt_len, state = spec["sizes"]["prompt_len"], {"tokens": 0}
+        parts = dict.fromkeys(PART_KEYS, 0.0)
+        clock = {"go": time.perf_counter(), "opt": 0.0}
+        if spec["method"] == "fastrl":
+            _time_fastrl_parts(parts)
+
+        def before_optimizer_step(optimizer, args, kwargs) -> None:
+            clock["opt"] = time.perf_counter()
 
         def constant_reward(prompts=None, completions=None, completion_ids=None, **_):
             state["tokens"] += sum(prompt_len + len(c) for c in completion_ids)
@@ -249,15 +328,27 @@ def _worker(conn, spec: dict) -> None:
         def after_optimizer_step(optimizer, args, kwargs) -> None:
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
-            conn.send(("step", {"tokens": state["tokens"], "peak_mib": memory.peak_mib()}))
+            now = time.perf_counter()
+            parts["optimizer"] = now - clock["opt"]
+            parts["loss_backward_other"] = (now - clock["go"]) - sum(
+                parts[k] for k in PART_KEYS if k != "loss_backward_other"
+            )
+            step = {"tokens": state["tokens"], "peak_mib": memory.peak_mib()}
+            if spec["method"] == "fastrl":
+                step["parts"] = dict(parts)
+            conn.send(("step", step))
             state["tokens"] = 0
             _wait_go(conn)
+            parts.update(dict.fromkeys(PART_KEYS, 0.0))
+            clock["go"] = time.perf_counter()
 
         with tempfile.TemporaryDirectory() as out_dir:
             run = runner_of(spec, constant_reward, out_dir)
+            optim_mod.register_optimizer_step_pre_hook(before_optimizer_step)
             optim_mod.register_optimizer_step_post_hook(after_optimizer_step)
             conn.send(("ready", None))
             _wait_go(conn)
+            clock["go"] = time.perf_counter()
             run()
         conn.send(("error", "the trainer finished before the benchmark stopped it"))
     except _Stop:
@@ -314,7 +405,11 @@ class WorkerStep:
         tps = statistics.median(st["tokens"] / st["s"] for st in timed)
         tokens = statistics.median(st["tokens"] for st in timed)
         peak = max(st["peak_mib"] for st in self.steps)
+        parts = None
+        if all("parts" in st for st in timed):
+            parts = {k: statistics.median(st["parts"][k] for st in timed) for k in PART_KEYS}
         return {
+            "parts_s": parts,
             "extra_mib": peak,
             "tokens_per_s": tps,
             "tokens_per_step": tokens,
@@ -351,6 +446,8 @@ def _method(name: str, kind: str, spec: dict, ctx: BenchContext, case_name: str,
 
 
 def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
+    if REAL_MODEL:
+        return [_real_model_case(ctx)]
     s = sizes(ctx)
     if ctx.device.type == "cuda" and not s["bf16"]:
         s = {**s, "bf16": True}
@@ -408,25 +505,88 @@ def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
     ]
 
 
+def _base_spec(ctx: BenchContext, s: dict[str, Any], threads: int) -> dict[str, Any]:
+    return dict(
+        sizes=s, device=ctx.device.type, seed=ctx.seed, compile=False, liger=False, threads=threads,
+        verbose=bool(os.environ.get("FASTRL_BENCH_VERBOSE")),
+    )  # fmt: skip
+
+
+def _real_model_case(ctx: BenchContext) -> Case:
+    """fastrl and TRL on ``REAL_MODEL``'s folder and chat prompts (module docstring)."""
+    import torch
+
+    s = REAL_MODEL["sizes"]
+    # A real model's matrices use every core: both trainers get all of this process's threads.
+    base = _base_spec(ctx, s, torch.get_num_threads())
+    name = (
+        f"{os.path.basename(os.path.normpath(REAL_MODEL['model_dir']))}: {s['prompts']}x{s['generations']} "
+        f"chat prompts, <= {s['completion_len']} new tokens"
+    )
+    methods = [
+        _method("fastrl (hf engine)", "fastrl", {**base, "method": "fastrl"}, ctx, name),
+        _method("TRL GRPOTrainer", "baseline", {**base, "method": "trl"}, ctx, name),
+    ]
+    inputs = {"model_dir": REAL_MODEL["model_dir"], "prompts": REAL_MODEL["prompts"]}
+    shape = {k: s[k] for k in ("prompts", "generations", "completion_len")}
+    return Case(
+        suite="grpo_step", name=name, shape=shape, make_inputs=lambda: dict(inputs), methods=methods,
+        measure_memory=False,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastrl.bench.grpo_step [--gpu] [--out DIR]``: this suite alone, with the worker-side peak
-    memory and tokens/s written into the rows; warmup 1 and 3 timed steps (steps 2-4) unless given."""
+    """``python -m fastrl.bench.grpo_step [--gpu] [--out DIR] [--model PATH [--gguf-file F]]``: this suite
+    alone, with the worker-side peak memory and tokens/s written into the rows; warmup 1 and 3 timed steps
+    (steps 2-4) unless given. ``--model``: a real local model instead of the random-init one."""
     from pathlib import Path
 
     from fastrl.bench import report, runner
 
-    args = runner.parser().parse_args(argv)
+    p = runner.parser()
+    p.add_argument("--model", default=None, help="a local Hugging Face folder (or the folder of --gguf-file)")
+    p.add_argument("--gguf-file", default=None, help="a .gguf file in --model, dequantised once (cached)")
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step (--model)")
+    p.add_argument("--generations", type=int, default=8, help="completions per prompt (--model)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="most new tokens per completion (--model)")
+    args = p.parse_args(argv)
     args.warmup = 1 if args.warmup is None else args.warmup
     args.repeats = 3 if args.repeats is None else args.repeats
     ctx = runner.context_from_args(args)
+    module = importlib.import_module("fastrl.bench.grpo_step")  # the registry's copy, not __main__'s
+    module.REAL_MODEL.clear()
+    if args.gguf_file and not args.model:
+        raise ValueError("--gguf-file needs --model (the folder that holds it)")
+    if args.model:
+        for key in ("prompts", "generations", "max_new_tokens"):
+            if getattr(args, key) < 1 or (key == "generations" and args.generations < 2):
+                raise ValueError(f"--{key.replace('_', '-')} must be >= {2 if key == 'generations' else 1}")
+        s = dict(
+            prompts=args.prompts,
+            generations=args.generations,
+            prompt_len=0,
+            completion_len=args.max_new_tokens,
+            bf16=ctx.device.type == "cuda",
+            fixed_length=False,
+        )  # fmt: skip; prompt_len 0: only completion tokens are counted
+        module.REAL_MODEL.update(
+            model_dir=real_model_dir(args.model, args.gguf_file),
+            prompts=chat_prompts(64, seed=args.seed),
+            sizes={**s, "max_prompt_len": 256},
+        )
     payload = runner.run(ctx, ["grpo_step"], progress=not args.no_progress)
-    results = importlib.import_module("fastrl.bench.grpo_step").RESULTS  # the registry's copy, not __main__'s
+    results = module.RESULTS
+    parts_lines = []
     for rec in payload["cases"]:
         for row in rec["rows"]:
             got = results.get((rec["case"], row["method"]))
             if got is not None and row["status"] == "ok":
                 # extra_mib and the tokens/s note arrive through the harness (WorkerStep.report)
                 row["tokens_per_s"] = got["tokens_per_s"]
+                row["tokens_per_step"] = got["tokens_per_step"]
+                if got.get("parts_s"):
+                    row["parts_s"] = got["parts_s"]
+                    parts_lines.append(format_parts(rec["case"], row["method"], got["parts_s"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "results.json", payload)
@@ -434,8 +594,18 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table + "\n", encoding="utf-8")
     if not args.no_plot:
         report.plot(out / "results.png", payload)
+    if parts_lines:
+        table += "\n\n" + "\n".join(parts_lines)
+        (out / "results.md").write_text(table + "\n", encoding="utf-8")
     print(table)
     return 0
+
+
+def format_parts(case: str, method: str, parts: dict[str, float]) -> str:
+    """One markdown line: the median seconds of each part of the step and its share."""
+    total = sum(parts.values()) or 1.0
+    cells = ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in parts.items())
+    return f"- {method}, {case}: step {total:.2f} s = {cells}"
 
 
 if __name__ == "__main__":

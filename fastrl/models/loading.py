@@ -38,6 +38,13 @@ class ModelConfig:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Load the tokenizer from here instead of name_or_path."}
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .gguf file in the folder or Hub repo name_or_path: dequantised (cached) and trained "
+            "as an ordinary model (needs the gguf package)."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute each decoder layer's activations in the backward (non-reentrant)."},
@@ -50,7 +57,7 @@ class ModelConfig:
         """Raise ``ValueError`` on an unknown option (and on an empty ``name_or_path`` if ``need_path``)."""
         if not isinstance(self.name_or_path, str) or (need_path and not self.name_or_path):
             raise ValueError(f"name_or_path must be a non-empty string, got {self.name_or_path!r}")
-        for name in ("tokenizer_name_or_path", "revision"):
+        for name in ("tokenizer_name_or_path", "revision", "gguf_file"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
@@ -60,6 +67,8 @@ class ModelConfig:
         # isinstance first: an unhashable value (a list from YAML) would make `in` raise TypeError.
         if not isinstance(self.torch_dtype, str) or self.torch_dtype not in DTYPES:
             raise ValueError(f"torch_dtype must be one of {tuple(DTYPES)}, got {self.torch_dtype!r}")
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            raise ValueError(f"gguf_file must name a .gguf file, got {self.gguf_file!r}")
         attn = self.attn_implementation
         if not isinstance(attn, str) or attn not in ATTN_IMPLEMENTATIONS:
             raise ValueError(
@@ -116,6 +125,10 @@ def load_model_and_tokenizer(
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     cfg.validate()
+    if cfg.gguf_file is not None:  # the dequantised safetensors folder stands in for the GGUF
+        from fastrl.models.gguf import gguf_source
+
+        cfg = gguf_source(cfg)
     check_sources(cfg)
     device = torch.device(device)
     _check_attention(cfg, device)
