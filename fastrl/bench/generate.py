@@ -23,11 +23,12 @@ Early stops, made the same on both sides (a random-init model rarely ends by its
   finished rows until the last one ends; the engine drops them.
 
 tokens/s: completion tokens produced (each row up to and including its stop token; prompts not counted)
-over the wall time of the call, median of the timed runs; on the CPU every call runs on one thread.
-Each side counts its own tokens (sampling is random, so the counts differ slightly under early stops). Extra MiB: peak during one call beyond what was
-allocated before it (weights excluded): CUDA max allocated; on the CPU the growth of the process's
-resident set (``VmHWM`` after the call, reset through ``/proc/self/clear_refs``, minus ``VmRSS`` before),
-the largest over the calls; memory the allocator kept from an earlier call is not counted again.
+over the wall time of the call, median of the timed runs; on the CPU every call runs on one thread. Each
+side counts its own tokens (sampling is random, so the counts differ slightly under early stops). Extra
+MiB: peak during one call beyond what was allocated before it (weights excluded): CUDA max allocated; on
+the CPU the growth of the process's resident set (``VmHWM`` after the call, reset through
+``/proc/self/clear_refs``, minus ``VmRSS`` before), the largest over the calls; memory the allocator kept
+from an earlier call is not counted again.
 Floor (``no early stop``): ``new`` decode steps that each read every weight once, parameter bytes /
 measured memory bandwidth per step; the note gives the measured decode step (from a 1-token call and the
 full call: ``(t_full - t_one) / (new - 1)``) against that per-step floor.
