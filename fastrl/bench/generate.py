@@ -23,11 +23,12 @@ Early stops, made the same on both sides (a random-init model rarely ends by its
   finished rows until the last one ends; the engine drops them.
 
 tokens/s: completion tokens produced (each row up to and including its stop token; prompts not counted)
-over the wall time of the call, median of the timed runs. Each side counts its own tokens (sampling is
-random, so the counts differ slightly under early stops). Extra MiB: peak during one call beyond what was
-allocated before it (weights excluded): CUDA max allocated; on the CPU the growth of the process's
-resident set (``VmHWM`` after the call, reset through ``/proc/self/clear_refs``, minus ``VmRSS`` before),
-the largest over the calls; memory the allocator kept from an earlier call is not counted again.
+over the wall time of the call, median of the timed runs; on the CPU every call runs on one thread. Each
+side counts its own tokens (sampling is random, so the counts differ slightly under early stops). Extra
+MiB: peak during one call beyond what was allocated before it (weights excluded): CUDA max allocated; on
+the CPU the growth of the process's resident set (``VmHWM`` after the call, reset through
+``/proc/self/clear_refs``, minus ``VmRSS`` before), the largest over the calls; memory the allocator kept
+from an earlier call is not counted again.
 Floor (``no early stop``): ``new`` decode steps that each read every weight once, parameter bytes /
 measured memory bandwidth per step; the note gives the measured decode step (from a 1-token call and the
 full call: ``(t_full - t_one) / (new - 1)``) against that per-step floor.
@@ -150,9 +151,17 @@ class _Timed:
     def __call__(self) -> None:
         synchronize(self.device)
         base = _rss_reset() if self.device.type == "cpu" else None
-        t0 = time.perf_counter()
-        tokens = self.run()
-        synchronize(self.device)
+        threads = torch.get_num_threads()
+        if (
+            self.device.type == "cpu"
+        ):  # as grpo_step: oversubscribed threads on a shared CPU made runs erratic
+            torch.set_num_threads(1)
+        try:
+            t0 = time.perf_counter()
+            tokens = self.run()
+            synchronize(self.device)
+        finally:
+            torch.set_num_threads(threads)
         self.calls.append((tokens, time.perf_counter() - t0))
         if base is not None:
             self.peak_mib = max(getattr(self, "peak_mib", 0.0), (_status_kib("VmHWM") - base) / 1024)
@@ -167,13 +176,16 @@ class _Timed:
         elif self.case in _BASELINE_TPS:
             note.append(f"{tps / _BASELINE_TPS[self.case]:.2f}x generate's tokens/s")
         if self.one_token is not None and self.floor_ms:
-            one = []
+            one, threads = [], torch.get_num_threads()
+            if self.device.type == "cpu":
+                torch.set_num_threads(1)
             for _ in range(self.repeats):
                 synchronize(self.device)
                 t0 = time.perf_counter()
                 self.one_token()
                 synchronize(self.device)
                 one.append(time.perf_counter() - t0)
+            torch.set_num_threads(threads)
             full = statistics.median(s for _, s in timed)
             step_ms = max(full - statistics.median(one), 0.0) / max(self.new_tokens - 1, 1) * 1e3
             note.append(f"decode step {step_ms:.3g} ms = {step_ms / self.floor_ms:.1f}x weight-read floor")
