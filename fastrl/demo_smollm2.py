@@ -106,9 +106,16 @@ def parse_answer(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def _text(completion) -> str:
+    """A completion's text: plain, or TRL's conversational ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(completion, list):
+        return "".join(m.get("content") or "" for m in completion if m.get("role") == "assistant")
+    return completion
+
+
 def correct_reward(completions, answer, **_) -> list[float]:
     """1.0 when ``parse_answer(completion) == answer``, else 0.0."""
-    return [float(parse_answer(c) == int(a)) for c, a in zip(completions, answer)]
+    return [float(parse_answer(_text(c)) == int(a)) for c, a in zip(completions, answer)]
 
 
 def make_format_reward(eos_token_id: int | None):
@@ -119,7 +126,7 @@ def make_format_reward(eos_token_id: int | None):
         out = []
         for c, ids in zip(completions, completion_ids):
             stopped = eos_token_id is None or (bool(ids) and ids[-1] == eos_token_id)
-            out.append(FORMAT_WEIGHT * float(stopped and bool(_FINAL_LINE.search(c.strip()))))
+            out.append(FORMAT_WEIGHT * float(stopped and bool(_FINAL_LINE.search(_text(c).strip()))))
         return out
 
     return format_reward

@@ -54,3 +54,13 @@ def test_gpu_config_loads_and_its_rewards_resolve():
     funcs = [resolve_reward(r) for r in cfg.grpo.reward_funcs]
     assert funcs == [demo.correct_reward, demo.format_reward]
     assert cfg.data.dataset.endswith("train.jsonl")
+
+
+def test_rewards_read_trl_conversational_completions():
+    # Chat prompts give completions as TRL does, [{"role": "assistant", "content": ...}].
+    from fastrl.demo_smollm2 import correct_reward, make_format_reward
+
+    plain, chat = ["So 7.\nAnswer: 7"], [[{"role": "assistant", "content": "So 7.\nAnswer: 7"}]]
+    assert correct_reward(chat, [7]) == correct_reward(plain, [7]) == [1.0]
+    fmt = make_format_reward(None)
+    assert fmt(chat, [[1]]) == fmt(plain, [[1]]) and fmt(plain, [[1]])[0] > 0

@@ -55,7 +55,10 @@ def test_cli_prints_one_line(tmp_path, capsys):
     from fastrl.cli import main
 
     _write_gguf(tmp_path / "m.gguf", "mamba2")
-    args = ["--model.name_or_path", str(tmp_path), "--model.gguf_file", "m.gguf", "--data.dataset", "x.jsonl"]
+    data = tmp_path / "x.jsonl"  # a valid dataset, so the GGUF is what the run trips on
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    args = ["--model.name_or_path", str(tmp_path), "--model.gguf_file", "m.gguf", "--data.dataset", str(data)]
+    args += ["--train.output_dir", str(tmp_path / "run")]
     assert main(["sft", *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot dequantise" in err, err
