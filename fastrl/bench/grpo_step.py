@@ -60,6 +60,8 @@ STEP_TIMEOUT_S = 900.0
 RESULTS: dict[tuple[str, str], dict[str, Any]] = {}  # (case, method) -> the last report, for main()
 REAL_MODEL: dict[str, Any] = {}  # set by main() for --model: {"model_dir", "prompts", "sizes"}
 PART_KEYS = ("generate", "logprob_passes", "optimizer", "loss_backward_other")
+# What one timed run of every grpo_step case is (the report prints it under the case).
+STEP_TIMED = "one whole GRPO step (generation, rewards, loss, backward, AdamW); extra MiB: worker peak"
 
 
 def sizes(ctx: BenchContext) -> dict[str, Any]:
@@ -500,7 +502,7 @@ def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
             make_inputs=make_inputs,
             methods=methods,
             measure_memory=False,  # in the worker, see the module docstring
-            timed="one whole GRPO step (generation, rewards, loss, backward, AdamW); extra MiB: worker peak",
+            timed=STEP_TIMED,
         )
     ]
 
@@ -531,7 +533,7 @@ def _real_model_case(ctx: BenchContext) -> Case:
     shape = {k: s[k] for k in ("prompts", "generations", "completion_len")}
     return Case(
         suite="grpo_step", name=name, shape=shape, make_inputs=lambda: dict(inputs), methods=methods,
-        measure_memory=False,
+        measure_memory=False, timed=STEP_TIMED,
     )  # fmt: skip
 
 
