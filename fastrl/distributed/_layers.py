@@ -11,6 +11,15 @@ from __future__ import annotations
 from torch import nn
 
 _KNOWN_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers")
+# Module names that activation checkpointing, torch.compile and FSDP1 insert into parameter names.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def hf_name(name: str) -> str:
+    """``name`` as the Hugging Face checkpoint spells it: the wrappers' module names removed."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

@@ -28,17 +28,10 @@ import torch
 from torch import nn
 
 from fastrl.distributed import _state_dict as sd
-from fastrl.distributed._layers import unwrap_peft
+from fastrl.distributed._layers import hf_name, unwrap_peft
 from fastrl.distributed.env import barrier, dist_info
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def _hf_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -86,7 +79,7 @@ def stream_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for mod_name, module in base.named_modules():
         if any(mod_name.startswith(p) for p in skip_under):
             continue  # the parts of a LoRA layer, already merged
-        prefix = _hf_name(f"{mod_name}.") if mod_name else ""
+        prefix = hf_name(f"{mod_name}.") if mod_name else ""
         if lora_type is not None and isinstance(module, lora_type):
             skip_under.append(f"{mod_name}.")
             for pname, t in _merged(module, adapter):

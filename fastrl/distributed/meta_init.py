@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+from fastrl.distributed._layers import hf_name
 
 
 @contextlib.contextmanager
@@ -100,12 +100,6 @@ class LoadReport:
         return self.local_bytes + self.max_slice_bytes
 
 
-def _hf_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
 def materialize_and_load(model: nn.Module, model_dir: str | Path, device: torch.device) -> LoadReport:
     """Allocate ``model``'s (sharded) meta parameters on ``device`` and load this rank's slice of each
     from the safetensors files of ``model_dir``; buffers keep their values. ``ValueError`` naming a
@@ -127,7 +121,7 @@ def materialize_and_load(model: nn.Module, model_dir: str | Path, device: torch.
     total = local_total = max_slice = 0
     with contextlib.ExitStack() as stack:
         for name, p in model.named_parameters():
-            key = _hf_name(name)
+            key = hf_name(name)
             if key not in files:
                 raise ValueError(f"parameter {key!r} is not in the weight files of {model_dir}")
             if files[key] not in handles:
