@@ -15,9 +15,20 @@ another model, a config field that must match, or a checkpoint past ``train.max_
 SIGTERM stops at the next step boundary with a checkpoint there and one line (``interrupt.py``; exit
 status 130 / 143).
 
-Logged metrics: per optimizer step, the mean over micro-steps, then over ranks, then over the steps of a
-logging window; count metrics (keys ``num_*``, e.g. ``num_loss_tokens``) are instead the step's total,
-summed over micro-steps and ranks (and averaged over the window's steps).
+Logged metrics: each is the value of the optimizer step's global batch (all micro-steps, all ranks), so
+it does not depend on the world size or on how the step is split into micro-batches
+(``fastrl.trainers.metrics``): token- and sequence-averaged metrics are ``Metric.mean(sum, count)``
+pairs whose sums and counts are added over micro-steps and ranks before dividing (GRPO's ``kl``,
+``ratio/mean``, ``clip_ratio/*``, ``is_weight/*`` fractions, ``vespo/phi_mean``, ``*_mask/*`` fractions,
+``entropy``, ``completion_length``); extremes (``ratio/min``, ``ratio/max``, ``completion_length_min``,
+``completion_length_max``) are taken over the global batch; counts (keys ``num_*``, e.g.
+``num_loss_tokens``, and GRPO's ``is_weight/nan_engine_logp``) are the step's total; everything else is a
+plain mean over micro-steps and ranks, which is the global value because it is one already (``loss``,
+whose normaliser is the global batch's; GRPO's round metrics from gathered rewards: ``reward``,
+``reward_std``, ``frac_reward_zero_std``, the per-function rewards) or a mean over equal counts (DPO's
+per-pair ``rewards/*`` and ``logps/*``; GRPO's ``advantage_abs_mean`` and ``truncated_frac``, every rank
+holding as many completions). ``grad_norm`` is the global norm. A logging window of several steps logs
+the mean of its steps' values.
 
 Schedule: ``lr(s) = lr * s / warmup_steps`` for ``s < warmup_steps``; afterwards ``lr`` (constant) or
 ``lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)`` with ``p = (s - warmup) / (max_steps - warmup)`` and
@@ -25,9 +36,12 @@ Schedule: ``lr(s) = lr * s / warmup_steps`` for ``s < warmup_steps``; afterwards
 
 Data parallelism (``torchrun``: ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``): the trainers shard the policy
 with FSDP2 (``train.fsdp``, on by default when ``WORLD_SIZE > 1``; gloo on the CPU, NCCL on GPUs), each
-rank draws a disjoint share of every global batch, and losses are normalised so that FSDP's mean over
-ranks of the gradients is the gradient of the global batch. The logged metrics are means over ranks;
-checkpoints and the export are collective (every rank calls them, rank 0 writes).
+rank draws a disjoint share of every global batch, and losses are normalised by counts of the optimizer
+step's global batch (SFT: its loss tokens; GRPO's dapo/cispo/vespo: the generation batch's completion
+tokens, bnpo: the step's), divided by the world size and the accumulation steps, so that FSDP's mean over
+ranks of the accumulated gradients is the gradient of the global batch as one process computes it with
+the whole batch in one micro-step. Checkpoints and the export are collective (every rank calls them,
+rank 0 writes).
 """
 
 from __future__ import annotations
@@ -201,7 +215,7 @@ class RunConfig:
 class TrainStep(Protocol):
     """What a trainer adds to the loop: one micro-step, and the state a checkpoint must carry."""
 
-    def micro_step(self, index: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def micro_step(self, index: int) -> tuple[torch.Tensor, dict]: ...  # metrics: fastrl.trainers.metrics
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -309,13 +323,13 @@ def train(
         rotate_checkpoints,
         save_checkpoint,
     )
-    from fastrl.distributed.env import all_reduce_dict_mean, barrier, dist_info
+    from fastrl.distributed.env import barrier, dist_info
     from fastrl.distributed.fsdp import grad_norm_value
     from fastrl.trainers.interrupt import StopGuard, TrainingInterrupted, _StopNow, stop_message
+    from fastrl.trainers.metrics import reduce_step
     from fastrl.trainers.run_state import check_resume, prepare_output_dir
 
     is_main = dist_info().rank == 0
-    world_size = dist_info().world_size
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -379,16 +393,14 @@ def train(
 
     def optimizer_step(s: int) -> None:
         model.train()
-        sums: dict[str, list[float]] = defaultdict(list)
+        micro: list[dict] = []
         for k in range(ga):
             with torch.autocast(
                 "cuda", dtype=torch.bfloat16, enabled=train_cfg.bf16 and device.type == "cuda"
             ):
                 loss, metrics = step.micro_step(s * ga + k)
             (loss / ga).backward()
-            sums["loss"].append(_scalar(loss))
-            for key, v in metrics.items():
-                sums[key].append(_scalar(v))
+            micro.append({"loss": _scalar(loss), **metrics})
         clip = optim_cfg.max_grad_norm if optim_cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         lr = scheduler.get_last_lr()[0]
@@ -396,14 +408,14 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        for key, vals in sums.items():  # counts: the step's total; the rest: the micro-step mean
-            window[key].append(sum(vals) if key.startswith("num_") else sum(vals) / len(vals))
+        # the global batch's value of every metric (fastrl.trainers.metrics; collective under FSDP)
+        for key, value in reduce_step(micro).items():
+            window[key].append(value)
         window["grad_norm"].append(grad_norm_value(grad_norm))
         bar.update(1)
         bar.set_postfix({k: f"{window[k][-1]:.4g}" for k in ("loss", "reward") if k in window})
         if (s + 1) % train_cfg.logging_steps == 0 or s + 1 == train_cfg.max_steps:
-            means = all_reduce_dict_mean({k: sum(v) / len(v) for k, v in window.items()})  # collective
-            means = {k: v * world_size if k.startswith("num_") else v for k, v in means.items()}
+            means = {k: sum(v) / len(v) for k, v in window.items()}  # already global: no collective
             record = {"step": s + 1, "lr": lr, **means, "elapsed_s": time.perf_counter() - t0}
             history.append(record)
             log.write(record)

@@ -25,13 +25,14 @@ import torch
 
 from fastrl.data import DataConfig, encode_prompt, require_columns
 from fastrl.data.sampler import ShardedSampler
-from fastrl.distributed.env import dist_info, is_distributed
+from fastrl.distributed.env import dist_info
 from fastrl.engine import EngineConfig, build_engine
 from fastrl.losses.grpo_config import GRPOLossConfig
 from fastrl.models.policy import as_policy
 from fastrl.rewards import SCALE_REWARDS, resolve_reward
-from fastrl.trainers.common import global_mean_count, seed_everything, setup_run, to_device
+from fastrl.trainers.common import seed_everything, setup_run, to_device
 from fastrl.trainers.core import RunConfig, setup_distributed, train_run
+from fastrl.trainers.metrics import Metric, global_sum
 from fastrl.trainers.rollout import make_rollout
 
 
@@ -42,7 +43,10 @@ class GRPOConfig:
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (the group size)."})
     generation_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Completions per generation round and rank (None: batch size x steps_per_gen)."},
+        metadata={
+            "help": "Completions per generation round over all ranks, as TRL's (None: per_device_batch_size "
+            "x steps_per_generation x WORLD_SIZE); each rank generates its 1/WORLD_SIZE share."
+        },
     )
     steps_per_generation: int | None = field(
         default=None, metadata={"help": "Micro-batches per generation round (None: gradient accumulation)."}
@@ -97,29 +101,34 @@ class GRPORunConfig(RunConfig):
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "The generation engine."})
 
 
-def schedule(cfg: GRPORunConfig) -> tuple[int, int]:
-    """(generation_batch_size, steps_per_generation) resolved and checked."""
+def schedule(cfg: GRPORunConfig, world_size: int | None = None) -> tuple[int, int]:
+    """(generation_batch_size, steps_per_generation) resolved and checked: the global generation batch
+    (completions of one round over all ``world_size`` ranks, default the process group's) and the
+    micro-batches per round. One rank's share is ``generation_batch_size / world_size``
+    ``= per_device_batch_size * steps_per_generation`` completions, whole groups of ``num_generations``."""
     g, bs, ga = cfg.grpo, cfg.train.per_device_batch_size, cfg.train.gradient_accumulation_steps
+    world = dist_info().world_size if world_size is None else world_size
     gbs, spg = g.generation_batch_size, g.steps_per_generation
     if gbs is None and spg is None:
         spg = ga
     if gbs is None:
-        gbs = bs * spg
+        gbs = bs * spg * world
     elif spg is None:
-        if gbs % bs:
+        if gbs % (bs * world):
             raise ValueError(
-                f"grpo.generation_batch_size ({gbs}) must be a multiple of the batch size ({bs})"
+                f"grpo.generation_batch_size ({gbs}, global) must be a multiple of per_device_batch_size x "
+                f"WORLD_SIZE ({bs} x {world} = {bs * world})"
             )
-        spg = gbs // bs
-    if gbs != bs * spg:
+        spg = gbs // (bs * world)
+    if gbs != bs * spg * world:
         raise ValueError(
-            f"grpo.generation_batch_size ({gbs}) must equal per_device_batch_size x steps_per_generation "
-            f"({bs} x {spg})"
+            f"grpo.generation_batch_size ({gbs}, global) must equal per_device_batch_size x "
+            f"steps_per_generation x WORLD_SIZE ({bs} x {spg} x {world} = {bs * spg * world})"
         )
-    if gbs % g.num_generations:
+    if (gbs // world) % g.num_generations:
         raise ValueError(
-            f"grpo.generation_batch_size ({gbs}) must be a multiple of grpo.num_generations "
-            f"({g.num_generations})"
+            f"each rank's share of grpo.generation_batch_size ({gbs} / WORLD_SIZE {world} = {gbs // world}) "
+            f"must be a multiple of grpo.num_generations ({g.num_generations}): ranks generate whole groups"
         )
     return gbs, spg
 
@@ -139,6 +148,7 @@ class GRPOStep:
             )
         self.reward_weights = list(weights) if weights is not None else [1.0] * len(reward_funcs)
         gbs, self.steps_per_generation = schedule(cfg)
+        gbs //= dist_info().world_size  # this rank's share
         self.cycle = self.steps_per_generation * cfg.grpo.num_iterations
         self.need_old = cfg.train.gradient_accumulation_steps % self.cycle != 0
         loss_cfg = cfg.loss
@@ -162,23 +172,51 @@ class GRPOStep:
             rank=info.rank,
             world_size=info.world_size,
         )
-        self.buffer: list[dict] = []
-        self.round_metrics: dict[str, float] = {}
+        self.rounds: dict[int, tuple[list[dict], dict]] = {}  # generation -> (micro-batches, metrics)
+        self.resumed: tuple[list[dict], dict] | None = None  # a round loaded from a checkpoint
+        self.buffer: list[dict] = []  # the round in use, and its metrics
+        self.round_metrics: dict = {}
         self.generate_calls = 0
 
-    def micro_step(self, index: int):
-        if index % self.cycle == 0:
+    def _round(self, generation: int) -> tuple[list[dict], dict]:
+        """Generation round ``generation`` (its micro-batches and metrics), made on first use; rounds are
+        made in order, so the sampler's stream and the rollouts do not depend on when."""
+        if generation not in self.rounds:
             rows = [self.rows[i] for i in self.sampler.next_batch()]
-            self.buffer, self.round_metrics = make_rollout(self, rows, index // self.cycle)
-        mb = to_device(self.buffer[index % self.steps_per_generation], self.device)
+            self.rounds[generation] = make_rollout(self, rows, generation)
+        return self.rounds[generation]
+
+    def _step_tokens(self, index: int) -> float:
+        """Completion tokens of the optimizer step starting at micro-step ``index``, over all ranks. Rounds
+        the step needs beyond the current one are made now: the policy cannot change before the step ends,
+        so they are the rounds the micro-steps would have made (and computed old log-probs for) later."""
+        ga, spg = self.cfg.train.gradient_accumulation_steps, self.steps_per_generation
+        n = sum(
+            float(self._round(i // self.cycle)[0][i % spg]["completion_mask"].sum())
+            for i in range(index, index + ga)
+        )
+        return global_sum(n)
+
+    def micro_step(self, index: int):
+        if self.resumed is not None:  # the round a checkpoint saved mid-round (a new one starts otherwise)
+            if index % self.cycle:
+                self.rounds[index // self.cycle] = self.resumed
+            self.resumed = None
+        ga, world = self.cfg.train.gradient_accumulation_steps, dist_info().world_size
         loss_fn = self.loss_fn
+        if self.loss_cfg.loss_type == "bnpo" and index % ga == 0:
+            # bnpo: the token mean over the optimizer step's global batch, whatever its split into ranks
+            # and micro-steps: dapo's sum / num_items with the step's global token count spread over the
+            # ga micro-steps (the loop divides each by ga) and the ranks (FSDP averages them).
+            n = max(self._step_tokens(index), 1.0) / (world * ga)
+            loss_fn.config = dataclasses.replace(self.loss_cfg, loss_type="dapo", num_items_in_batch=n)
+        generation = index // self.cycle
+        for old in [k for k in self.rounds if k < generation]:
+            del self.rounds[old]
+        self.buffer, self.round_metrics = self._round(generation)
+        mb = to_device(self.buffer[index % self.steps_per_generation], self.device)
         if self.loss_cfg.uses_num_items and self.loss_cfg.num_items_in_batch is None:
             loss_fn.config = dataclasses.replace(self.loss_cfg, num_items_in_batch=float(mb["num_items"]))
-        elif self.loss_cfg.loss_type == "bnpo" and is_distributed():
-            # bnpo is the token mean of the micro-batch: of the global one, as one process would take it.
-            # That is dapo's normaliser with the global token count / world size (FSDP averages the ranks).
-            n = float(global_mean_count(mb["completion_mask"].sum()))
-            loss_fn.config = dataclasses.replace(self.loss_cfg, loss_type="dapo", num_items_in_batch=n)
 
         def head(hidden, weight, bias, mb):
             C = mb["completion_ids"].shape[1]
@@ -198,19 +236,14 @@ class GRPOStep:
             )
 
         loss, metrics = self.policy(head, mb)
-        entropy = metrics.pop("entropy", None)
-        metrics = {k: v for k, v in metrics.items() if k != "logp" and torch.as_tensor(v).numel() == 1}
-        if entropy is not None:
-            mask = mb["completion_mask"]
-            metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1.0)
-        return loss, {**self.round_metrics, **metrics}
+        return loss, {**self.round_metrics, **_global_metrics(metrics, mb["completion_mask"])}
 
     def state_dict(self) -> dict:
         """The sampler, and the round in use; collective under a process group (each rank has its own
         round: rank 0 writes them all, under ``ranks``)."""
         own = {
             "buffer": [{k: _encode(v) for k, v in mb.items()} for mb in self.buffer],
-            "round_metrics": self.round_metrics,
+            "round_metrics": {k: _encode_metric(v) for k, v in self.round_metrics.items()},
         }
         state = {"sampler": self.sampler.state_dict()}
         info = dist_info()
@@ -233,7 +266,35 @@ class GRPOStep:
                 )
             state = ranks[dist_info().rank]
         self.buffer = [{k: _decode(v) for k, v in mb.items()} for mb in state["buffer"]]
-        self.round_metrics = state["round_metrics"]
+        self.round_metrics = {k: Metric.from_json(v) for k, v in state["round_metrics"].items()}
+        self.resumed, self.rounds = (self.buffer, self.round_metrics), {}
+
+
+# How the loss's metrics (detached token means over the micro-batch's completion mask, grpo_metrics) add
+# up over micro-steps and ranks into the global batch's value (fastrl.trainers.metrics).
+_EXTREMES = {"ratio/min": Metric.min, "ratio/max": Metric.max}
+_COUNTS = ("is_weight/nan_engine_logp",)
+
+
+def _global_metrics(metrics: dict, mask: torch.Tensor) -> dict:
+    n = float(mask.sum())
+    out = {}
+    for key, v in metrics.items():
+        if key == "logp" or torch.as_tensor(v).numel() != 1 and key != "entropy":
+            continue
+        if key == "entropy":  # [B, T] per-token entropy from the loss's own pass
+            out[key] = Metric.mean((v * mask).sum(), n)
+        elif key in _EXTREMES:
+            out[key] = _EXTREMES[key](v)
+        elif key in _COUNTS:
+            out[key] = Metric.sum(v)
+        else:  # mean = sum / max(n, 1): its sum is mean * max(n, 1), over n tokens
+            out[key] = Metric.mean(float(v) * max(n, 1.0), n)
+    return out
+
+
+def _encode_metric(v):
+    return v.to_json() if isinstance(v, Metric) else v
 
 
 # The checkpoint's trainer state is JSON: a rollout round still in use is stored as nested lists (exact for

@@ -14,6 +14,7 @@ import torch
 
 from fastrl.data import collate_prompt_completion
 from fastrl.rewards import combine_rewards, compute_rewards, group_advantages, reward_metrics
+from fastrl.trainers.metrics import Metric
 
 
 def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
@@ -69,7 +70,10 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
     """Generate ``num_generations`` completions per row of ``rows`` and turn them into
     ``steps_per_generation`` micro-batches (dicts of CPU tensors) plus this round's metrics.
     ``trainer`` is the ``GRPOStep``. Under a process group each rank generates for its own ``rows``;
-    rewards are gathered so that the advantages are the global batch's."""
+    rewards are gathered so that the advantages, and the reward metrics, are the global batch's; this
+    rank's token means (``entropy``, ``completion_length``) and extremes are ``Metric``s the loop
+    reduces over the ranks (every rank holds as many completions, so its ``advantage_abs_mean`` and
+    ``truncated_frac`` average to the global ones)."""
     from fastrl.distributed.env import all_reduce_mean, dist_info, is_distributed
     from fastrl.distributed.fsdp import gathered
     from fastrl.engine import SamplingParams
@@ -152,8 +156,8 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
                 else:
                     with trainer.ref.model() as ref_model:
                         parts.append(completion_logps(ref_model, mb, temperature=g.temperature).cpu())
-            if key == "old_logp" and g.log_entropy:
-                metrics["entropy"] = entropy_sum / max(float(mask.sum()), 1.0)
+            if key == "old_logp" and g.log_entropy:  # a token mean: its sum and count add over ranks
+                metrics["entropy"] = Metric.mean(entropy_sum, float(mask.sum()))
             batch[key] = torch.cat(parts)
 
     if g.shuffle_rollouts:
@@ -182,9 +186,9 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
         {
             "reward": float(torch.nanmean(rewards_N)) if (~rewards_N.isnan()).any() else math.nan,
             "advantage_abs_mean": float(adv_N.abs().mean()),
-            "completion_length": float(lengths.mean()),
-            "completion_length_min": float(lengths.min()),
-            "completion_length_max": float(lengths.max()),
+            "completion_length": Metric.mean(lengths.sum(), lengths.numel()),
+            "completion_length_min": Metric.min(lengths.min()),
+            "completion_length_max": Metric.max(lengths.max()),
             "truncated_frac": float(truncated.float().mean()),
         }
     )

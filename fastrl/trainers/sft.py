@@ -1,9 +1,13 @@
-"""Supervised fine-tuning: ``loss = -mean_t log p(y_t | y_<t)`` over the loss tokens of a micro-batch
-(completion tokens with ``completion_only_loss``, assistant turns with ``assistant_only_loss``, every
-token of plain text), computed from hidden states by the fused linear log-prob op.
+"""Supervised fine-tuning: ``loss = -sum_t log p(y_t | y_<t) / N`` over the loss tokens of the optimizer
+step (completion tokens with ``completion_only_loss``, assistant turns with ``assistant_only_loss``, every
+token of plain text), computed from hidden states by the fused linear log-prob op. ``N`` is the number of
+loss tokens in the whole step: all ``gradient_accumulation_steps`` micro-batches on all ranks (TRL's and
+transformers' ``num_items_in_batch``), so the loss, its gradient and the logged loss are those of one
+process on the global batch for any world size and accumulation split.
 
-Data parallel: each rank takes a token-balanced share of the global micro-batch and divides its summed
-log-probs by (global loss tokens / world size), so FSDP's mean over ranks is the global batch's loss."""
+Data parallel: each rank takes a token-balanced share of each global micro-batch; micro-step ``k`` of a
+step returns ``-sum(logp_k) * ga * world_size / N`` (the loop divides by ``ga``, FSDP averages over the
+ranks)."""
 
 from __future__ import annotations
 
@@ -14,13 +18,9 @@ from fastrl.data.loading import check_kept
 from fastrl.data.sampler import ShardedSampler
 from fastrl.distributed.env import dist_info
 from fastrl.models.policy import as_policy
-from fastrl.trainers.common import (
-    global_mean_count,
-    setup_run,
-    to_device,
-    token_logps,
-)
+from fastrl.trainers.common import setup_run, to_device, token_logps
 from fastrl.trainers.core import RunConfig, setup_distributed, train_run
+from fastrl.trainers.metrics import global_sum
 
 
 @dataclass(kw_only=True)
@@ -104,6 +104,8 @@ class SFTStep:
         if self.packs is not None:
             lengths = [sum(lengths[j] for j in pack) for pack in self.packs]
         info = dist_info()
+        self.pending: list[dict] | None = None  # the micro-batches of the current optimizer step
+        self.step_tokens = 0.0
         self.sampler = ShardedSampler(
             len(lengths),
             cfg.train.per_device_batch_size,
@@ -131,11 +133,23 @@ class SFTStep:
         )
 
     def micro_step(self, index: int):
-        batch = to_device(self.batch(self.sampler.next_batch()), self.device)
+        ga = self.cfg.train.gradient_accumulation_steps
+        if index % ga == 0:
+            # The whole optimizer step's micro-batches, drawn up front (the sampler ends where ga separate
+            # draws would: checkpoints, taken between steps, are unchanged): its global loss-token count
+            # is the normaliser of every micro-step.
+            self.pending = [self.batch(self.sampler.next_batch()) for _ in range(ga)]
+            n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in self.pending)
+            self.step_tokens = global_sum(n_local)
+        batch = to_device(self.pending[index % ga], self.device)
+        if index % ga == ga - 1:
+            self.pending = None
         logp, mask = token_logps(self.policy, batch, chunk_size=self.cfg.sft.chunk_size)
-        n = mask.sum()
-        loss = -logp.sum() / global_mean_count(n).clamp(min=1)
-        return loss, {"num_loss_tokens": float(n)}
+        # The loop backpropagates loss / ga and FSDP averages the ranks: the step's gradient is that of
+        # -sum(logp) / step_tokens over the global batch.
+        world = dist_info().world_size
+        loss = -logp.sum() * (ga * world / max(self.step_tokens, 1.0))
+        return loss, {"num_loss_tokens": float(mask.sum())}
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}

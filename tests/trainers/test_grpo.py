@@ -213,7 +213,10 @@ def test_rollout_masks(tiny_dir, tmp_path, mask_truncated):
     step = GRPOStep(
         model, Reference(model, lora=False, needed=False), tok, rows, [count_a], engine, cfg, "cpu"
     )
+    from fastrl.trainers.metrics import reduce_step
+
     loss, metrics = step.micro_step(0)
+    metrics = reduce_step([metrics])  # the logged values (token means as Metric sums and counts)
     mb = step.buffer[0]
     want = [[1, 1, 0, 0], [0 if mask_truncated else 1] * 4, [1, 1, 1, 1]]
     assert mb["completion_mask"].tolist() == want
