@@ -1,0 +1,200 @@
+"""One process, the same global batch per optimizer step split into 1, 2 or 4 micro-batches: the loss, the
+gradients and every logged metric must not change (fp32, 1e-5 relative), for SFT, DPO and every GRPO
+loss_type. (World size 2 against one process: tests/distributed/test_trainer_fsdp.py.) Also the metric
+reduction itself and the global generation_batch_size schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastrl.losses.grpo_config import LOSS_TYPES, GRPOLossConfig
+from fastrl.models import ModelConfig, load_model_and_tokenizer
+from fastrl.trainers.core import OptimConfig, TrainConfig
+from fastrl.trainers.metrics import Metric, reduce_step
+from tests.distributed._trainer_fsdp_worker import PromptEngine, dpo_rows, grpo_rows, spread_reward
+
+from .conftest import addition_rows
+from .invariance import assert_same_grads, assert_same_history, recorded_grads
+
+# no clipping: a clipped gradient would hide a normaliser off by a constant factor
+_OPTIM = dict(lr=3e-3, adam_eps=1e-3, schedule="constant", max_grad_norm=0.0)
+
+
+def _train(out, seed, bs, ga, **kw) -> TrainConfig:
+    return TrainConfig(
+        output_dir=str(out), max_steps=2, per_device_batch_size=bs, gradient_accumulation_steps=ga,
+        progress_bar=False, export_final=False, seed=seed, **kw,
+    )  # fmt: skip
+
+
+def _run(runner, cfg, rows, **kw):
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=cfg.model.name_or_path))
+    if kw.get("engine") == "prompt":
+        kw["engine"] = PromptEngine(tok.eos_token_id, cfg.grpo.num_generations)
+    with recorded_grads() as grads:
+        history = runner(cfg, model=model, tokenizer=tok, dataset=rows, **kw)["history"]
+    return history, grads
+
+
+def test_sft_split_invariant(tiny_dir, tmp_path, seed):
+    """Examples of unequal lengths: per-micro-batch token means would weigh them differently."""
+    from fastrl.data import DataConfig
+    from fastrl.trainers.sft import SFTConfig, SFTRunConfig, run_sft
+
+    runs = {}
+    for bs, ga in ((8, 1), (4, 2), (2, 4)):
+        cfg = SFTRunConfig(
+            model=ModelConfig(name_or_path=tiny_dir), data=DataConfig(max_length=32),
+            optim=OptimConfig(**_OPTIM), train=_train(tmp_path / f"{bs}x{ga}", seed, bs, ga),
+            sft=SFTConfig(completion_only_loss=False),
+        )  # fmt: skip
+        rows = [{"text": "1+2=3" * (1 + i % 5)} for i in range(24)]
+        runs[bs, ga] = _run(run_sft, cfg, rows)
+    want_hist, want_grads = runs[8, 1]
+    for split in ((4, 2), (2, 4)):
+        assert_same_history(runs[split][0], want_hist, what=f"sft {split}")
+        assert_same_grads(runs[split][1], want_grads, what=f"sft {split}")
+
+
+def test_dpo_split_invariant(tiny_dir, tmp_path, seed):
+    from fastrl.data import DataConfig
+    from fastrl.trainers.dpo import DPOConfig, DPORunConfig, run_dpo
+
+    runs = {}
+    for bs, ga in ((4, 1), (2, 2), (1, 4)):
+        cfg = DPORunConfig(
+            model=ModelConfig(name_or_path=tiny_dir), data=DataConfig(max_length=32),
+            optim=OptimConfig(**_OPTIM), train=_train(tmp_path / f"{bs}x{ga}", seed, bs, ga),
+            dpo=DPOConfig(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5]),
+        )  # fmt: skip
+        runs[bs, ga] = _run(run_dpo, cfg, dpo_rows())
+    for split in ((2, 2), (1, 4)):
+        assert_same_history(runs[split][0], runs[4, 1][0], what=f"dpo {split}")
+        assert_same_grads(runs[split][1], runs[4, 1][1], what=f"dpo {split}")
+
+
+# Per loss type, options that bring in more of its metrics: the KL to a reference (kl), engine
+# log-probs (is_weight/*), sequence-level ratios (GSPO).
+_GRPO_OPTIONS = {
+    "grpo": dict(beta=0.04),
+    "bnpo": dict(beta=0.04),
+    "dr_grpo": dict(),
+    "dapo": dict(beta=0.04),
+    "cispo": dict(epsilon_high=5.0),
+    "sapo": dict(),
+    "luspo": dict(importance_sampling_level="sequence"),
+    "vespo": dict(is_mode="token_truncate"),
+}
+
+
+def grpo_cfg(tiny_dir, out, seed, bs, ga, loss_type, *, spg=None, engine_logprobs=False):
+    from fastrl.trainers.grpo import GRPOConfig, GRPORunConfig
+
+    return GRPORunConfig(
+        model=ModelConfig(name_or_path=tiny_dir),
+        optim=OptimConfig(**{**_OPTIM, "lr": 1e-2}),
+        train=_train(out, seed, bs, ga),
+        grpo=GRPOConfig(
+            num_generations=2, max_completion_length=4, reward_funcs=["unused"], scale_rewards="batch",
+            steps_per_generation=spg, use_engine_logprobs=engine_logprobs,
+        ),
+        loss=GRPOLossConfig(loss_type=loss_type, **_GRPO_OPTIONS[loss_type]),
+    )  # fmt: skip
+
+
+def test_grpo_options_cover_every_loss_type():
+    assert set(_GRPO_OPTIONS) == set(LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+def test_grpo_split_invariant(tiny_dir, tmp_path, seed, loss_type):
+    """8 completions per step, as one micro-batch or two; deterministic rollouts (PromptEngine)."""
+    from fastrl.trainers.grpo import run_grpo
+
+    engine_lp = loss_type in ("cispo", "vespo")
+    runs = {}
+    for bs, ga in ((8, 1), (4, 2)):
+        cfg = grpo_cfg(tiny_dir, tmp_path / f"{bs}x{ga}", seed, bs, ga, loss_type, engine_logprobs=engine_lp)
+        runs[bs, ga] = _run(run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
+    hist = runs[8, 1][0]
+    assert {"completion_length_min", "ratio/max", "entropy"} <= set(hist[0])
+    if engine_lp:
+        assert "is_weight/mean" in hist[0]
+    assert_same_history(runs[4, 2][0], hist, what=loss_type)
+    assert_same_grads(runs[4, 2][1], runs[8, 1][1], what=loss_type)
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
+def test_grpo_split_invariant_across_rounds(tiny_dir, tmp_path, seed, loss_type):
+    """Two optimizer steps per round of 8 (old log-probs computed at generation): 4 completions a step as
+    one micro-batch (steps_per_generation 2) or two (4); and one step over two rounds (bnpo's step token
+    count then needs the second round before the first micro-step)."""
+    from fastrl.trainers.grpo import run_grpo
+
+    runs = {}
+    for bs, ga, spg in ((4, 1, 2), (2, 2, 4)):
+        cfg = grpo_cfg(tiny_dir, tmp_path / f"{bs}x{ga}x{spg}", seed, bs, ga, loss_type, spg=spg)
+        runs[bs, ga, spg] = _run(run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
+    assert_same_history(runs[2, 2, 4][0], runs[4, 1, 2][0], what=loss_type)
+    assert_same_grads(runs[2, 2, 4][1], runs[4, 1, 2][1], what=loss_type)
+    if loss_type == "bnpo":  # a step of 8 over two rounds of 4 against one round of 8 in one micro-batch
+        # (group-scaled rewards: a round's batch std would depend on the round's size)
+        got, want = [], []
+        for (bs, ga, spg), res in (((4, 2, 1), got), ((8, 1, None), want)):
+            cfg = grpo_cfg(tiny_dir, tmp_path / f"r{bs}x{ga}", seed, bs, ga, loss_type, spg=spg)
+            cfg.grpo.scale_rewards = "group"
+            res += _run(run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
+        for g, w in zip(got[0], want[0]):
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6)
+            assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5)
+        assert_same_grads(got[1], want[1], what="bnpo over two rounds")
+
+
+def test_reduce_step():
+    micro = [
+        {"loss": 1.0, "tok": Metric.mean(6.0, 3), "num_x": 2, "lo": Metric.min(0.5), "hi": Metric.max(2.0)},
+        {"loss": 3.0, "tok": Metric.mean(1.0, 1), "num_x": 5, "lo": Metric.min(math.nan), "hi": Metric.max(4)},
+        {"loss": torch.tensor([0.0, 4.0]), "tok": Metric.mean(0.0, 0), "num_x": torch.tensor(1),
+         "lo": Metric.min(-1.0), "hi": Metric.max(math.nan)},
+    ]  # fmt: skip
+    out = reduce_step(micro)
+    assert out == {"hi": 4.0, "lo": -1.0, "loss": 2.0, "num_x": 8.0, "tok": 7.0 / 4}
+    assert reduce_step([{"m": Metric.mean(0.0, 0)}, {"m": Metric.mean(0.0, 0)}]) == {"m": 0.0}
+    assert math.isnan(reduce_step([{"m": Metric.max(math.nan)}])["m"])
+    with pytest.raises(ValueError, match="metric 'tok' is reduced as 'mean' and as 'sum'"):
+        reduce_step([{"tok": Metric.mean(1, 1)}, {"tok": Metric.sum(1)}])
+    with pytest.raises(ValueError, match="Metric.kind"):
+        Metric(1.0, 1.0, "median")
+    assert Metric.from_json(Metric.mean(3, 2).to_json()) == Metric(3.0, 2.0, "mean")
+    assert Metric.from_json(0.5) == 0.5
+
+
+def test_generation_batch_size_is_global(tiny_dir, tmp_path, monkeypatch):
+    """TRL's meaning: the completions of a round over all ranks; each rank's share is derived."""
+    from fastrl.trainers.grpo import schedule
+
+    cfg = grpo_cfg(tiny_dir, tmp_path, 0, 4, 2, "dapo")
+    assert schedule(cfg, world_size=1) == (8, 2)
+    assert schedule(cfg, world_size=4) == (32, 2)  # default: per_device_batch_size x spg x WORLD_SIZE
+    cfg.grpo.generation_batch_size = 32
+    cfg.grpo.steps_per_generation = None
+    assert schedule(cfg, world_size=2) == (32, 4)
+    assert schedule(cfg, world_size=4) == (32, 2)
+    with pytest.raises(ValueError, match=r"generation_batch_size \(32, global\) must be a multiple of "
+                       r"per_device_batch_size x WORLD_SIZE \(4 x 3 = 12\)"):  # fmt: skip
+        schedule(cfg, world_size=3)
+    cfg.grpo.steps_per_generation = 2
+    with pytest.raises(ValueError, match=r"must equal per_device_batch_size x steps_per_generation x "
+                       r"WORLD_SIZE \(4 x 2 x 2 = 16\)"):  # fmt: skip
+        schedule(cfg, world_size=2)
+    cfg.grpo.generation_batch_size, cfg.grpo.num_generations = 8, 8
+    cfg.train.per_device_batch_size, cfg.grpo.steps_per_generation = 2, 2
+    with pytest.raises(ValueError, match=r"each rank's share of grpo.generation_batch_size \(8 / WORLD_SIZE 2"
+                       r" = 4\) must be a multiple of grpo.num_generations \(8\)"):  # fmt: skip
+        schedule(cfg, world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg.grpo.generation_batch_size, cfg.grpo.num_generations, cfg.grpo.steps_per_generation = 16, 2, None
+    assert schedule(cfg) == (16, 4)  # the process group's world size by default
