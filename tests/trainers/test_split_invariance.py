@@ -16,7 +16,6 @@ from fastrl.trainers.core import OptimConfig, TrainConfig
 from fastrl.trainers.metrics import Metric, reduce_step
 from tests.distributed._trainer_fsdp_worker import PromptEngine, dpo_rows, grpo_rows, spread_reward
 
-from .conftest import addition_rows
 from .invariance import assert_same_grads, assert_same_history, recorded_grads
 
 # no clipping: a clipped gradient would hide a normaliser off by a constant factor
@@ -156,7 +155,8 @@ def test_grpo_split_invariant_across_rounds(tiny_dir, tmp_path, seed, loss_type)
 def test_reduce_step():
     micro = [
         {"loss": 1.0, "tok": Metric.mean(6.0, 3), "num_x": 2, "lo": Metric.min(0.5), "hi": Metric.max(2.0)},
-        {"loss": 3.0, "tok": Metric.mean(1.0, 1), "num_x": 5, "lo": Metric.min(math.nan), "hi": Metric.max(4)},
+        {"loss": 3.0, "tok": Metric.mean(1.0, 1), "num_x": 5, "lo": Metric.min(math.nan),
+         "hi": Metric.max(4)},
         {"loss": torch.tensor([0.0, 4.0]), "tok": Metric.mean(0.0, 0), "num_x": torch.tensor(1),
          "lo": Metric.min(-1.0), "hi": Metric.max(math.nan)},
     ]  # fmt: skip
