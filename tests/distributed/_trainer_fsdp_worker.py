@@ -1,9 +1,9 @@
 """Worker for tests/distributed/test_trainer_fsdp.py, launched as ``torchrun --nproc_per_node 2 -m <this>``.
 
 The trainers as a user runs them under torchrun (CPU, gloo; ``train.fsdp`` on by default): SFT with
-selective activation checkpointing, DPO with a sharded frozen reference, and GRPO (dapo, a KL reference,
-a checkpoint and the final export). Rank 0 writes the histories and the gathered SFT/DPO weights to
-``<out>/result.pt``.
+selective activation checkpointing, DPO with a sharded frozen reference, GRPO (dapo, a KL reference,
+a checkpoint and the final export), and every GRPO loss_type with its gradients recorded. Rank 0 writes
+the histories, the recorded gradients and the gathered SFT/DPO weights to ``<out>/result.pt``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fastrl.distributed.fsdp import is_fsdp
 from fastrl.models import ModelConfig, load_model_and_tokenizer
 from fastrl.trainers.core import OptimConfig, TrainConfig
 from fastrl.trainers.sft import run_sft
+from tests.trainers.invariance import recorded_grads
 
 # Adam's first steps are ~lr * sign(grad): a large eps keeps rounding noise on gradients that are zero in
 # exact arithmetic (the attention key bias's) from turning into full-size weight differences.
@@ -152,7 +153,9 @@ def main() -> None:
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
     cfg = sft_config(a.model, out / "sft", seed=seed, per_device_batch_size=2)
     cfg.train.activation_checkpointing = "selective"
-    res = run_sft(cfg, model=model, tokenizer=tok, dataset=sft_rows())
+    with recorded_grads() as grads:
+        res = run_sft(cfg, model=model, tokenizer=tok, dataset=sft_rows())
+    result["sft_grads"] = grads
     assert dist.is_initialized() and dist.get_backend() == "gloo" and is_fsdp(model)
     result["sft_history"], result["sft_weights"] = res["history"], full_model_state_dict(model)
 
@@ -202,8 +205,10 @@ def main() -> None:
     from fastrl.trainers.dpo import run_dpo
 
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
-    res = run_dpo(dpo_config(a.model, out / "dpo", seed=seed, per_device_batch_size=2), model=model,
-                  tokenizer=tok, dataset=dpo_rows())  # fmt: skip
+    with recorded_grads() as grads:
+        res = run_dpo(dpo_config(a.model, out / "dpo", seed=seed, per_device_batch_size=2), model=model,
+                      tokenizer=tok, dataset=dpo_rows())  # fmt: skip
+    result["dpo_grads"] = grads
     result["dpo_history"], result["dpo_weights"] = res["history"], full_model_state_dict(model)
 
     from fastrl.trainers.grpo import run_grpo
@@ -231,14 +236,26 @@ def main() -> None:
     res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[spread_reward],
                    engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
     result["grpo_exact_history"], result["grpo_exact_weights"] = res["history"], full_model_state_dict(model)
-    # The other normalisers: bnpo (a global token mean, passed by the trainer) and grpo (sequence means).
-    for loss_type in ("bnpo", "grpo"):
+    # Every GRPO loss_type at world size 2 and 2 micro-steps per rank (per_device_batch_size 2): the loss,
+    # gradients and every metric of one process with the step's 8 completions in one micro-batch.
+    from fastrl.losses.grpo_config import LOSS_TYPES
+    from tests.trainers.invariance import grpo_cfg
+
+    for loss_type in sorted(LOSS_TYPES):
         model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
-        cfg = grpo_config(a.model, out / f"grpo_{loss_type}", seed=seed)
-        cfg.loss.loss_type, cfg.train.save_steps, cfg.train.export_final = loss_type, 0, False
+        cfg = grpo_cfg(a.model, out / f"grpo_{loss_type}", seed, 2, 2, loss_type)
+        with recorded_grads() as grads:
+            res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[spread_reward],
+                           engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
+        result[f"grpo_{loss_type}"] = (res["history"], grads)
+    # Two passes over each round (num_iterations 2): old log-probs and the entropy from the rollout's pass,
+    # ratios away from 1 at the second step.
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=a.model))
+    cfg = grpo_cfg(a.model, out / "grpo_mu2", seed, 2, 2, "bnpo", iters=2)
+    with recorded_grads() as grads:
         res = run_grpo(cfg, model=model, tokenizer=tok, dataset=grpo_rows(), reward_funcs=[spread_reward],
                        engine=PromptEngine(tok.eos_token_id, cfg.grpo.num_generations))  # fmt: skip
-        result[f"grpo_{loss_type}"] = (res["history"], full_model_state_dict(model))
+    result["grpo_mu2"] = (res["history"], grads)
     if dist_info().rank == 0:
         torch.save(result, out / "result.pt")
     dist.barrier()

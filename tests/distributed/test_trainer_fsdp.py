@@ -20,6 +20,7 @@ import torch
 
 from fastrl.data import EpochSampler
 from fastrl.data.sampler import ShardedSampler
+from fastrl.losses.grpo_config import LOSS_TYPES
 from tests.distributed._trainer_fsdp_worker import (
     PromptEngine,
     dpo_config,
@@ -31,6 +32,7 @@ from tests.distributed._trainer_fsdp_worker import (
     sft_rows,
     spread_reward,
 )
+from tests.trainers.invariance import assert_same_grads, assert_same_history, grpo_cfg, recorded_grads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,30 +173,56 @@ def test_grpo_on_two_ranks_matches_one_process(run, tmp_path):
     cfg.train.export_final, cfg.train.save_steps = False, 0
     want, model = _single_process(run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
     got = result["grpo_exact_history"]
-    for g, w in zip(got, want["history"]):
-        # (token means such as kl are means of the ranks' own token means: not compared)
-        for key in ("reward", "completion_length", "advantage_abs_mean"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
+    assert_same_history(got, want["history"], what="grpo dapo")  # every metric, token means included
     _assert_same_run(got, result["grpo_exact_weights"], want["history"], model)
 
 
-@pytest.mark.parametrize("loss_type", ["bnpo", "grpo"])
-def test_grpo_normalisers_on_two_ranks_match_one_process(run, tmp_path, loss_type):
-    """bnpo's token mean and grpo's sequence mean over the global micro-batch at world size 2."""
+@pytest.mark.parametrize("loss_type", [*sorted(LOSS_TYPES), "bnpo_mu2"])
+def test_grpo_loss_types_on_two_ranks_match_one_process(run, tmp_path, loss_type):
+    """World size 2 with 2 micro-steps of 2 completions per rank against one process with the step's 8
+    completions in one micro-batch: the loss, the gradients and every logged metric (token means, the
+    rollout's completion lengths, extremes, counts) within fp32's 1e-5. ``bnpo_mu2``: two passes over
+    each round (old log-probs, the rollout pass's entropy, ratios away from 1 at the second step)."""
     from fastrl.trainers.grpo import run_grpo
 
     seed, model_dir, result, _ = run
-    cfg = grpo_config(model_dir, tmp_path, seed=seed, per_device_batch_size=8)
-    cfg.loss.loss_type, cfg.train.export_final, cfg.train.save_steps = loss_type, False, 0
-    want, model = _single_process(run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
-    got, weights = result[f"grpo_{loss_type}"]
+    iters = 2 if loss_type.endswith("_mu2") else 1
+    cfg = grpo_cfg(model_dir, tmp_path, seed, 8, 1, loss_type.removesuffix("_mu2"), iters=iters)
+    want, grads = _single_process_grads(
+        run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt"
+    )
+    got, got_grads = result["grpo_mu2" if iters == 2 else f"grpo_{loss_type}"]
     assert [r["step"] for r in got] == [1, 2]
-    for g, w in zip(got, want["history"]):
-        # on-policy at the first step the loss is ~0 (advantages sum to 0): an absolute floor of fp32 noise
-        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6), g["step"]
-        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), g["step"]
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    if iters == 2:
+        assert got[1]["ratio/mean"] != 1.0 and "entropy" in got[0]
+    assert_same_history(got, want, what=loss_type)
+    assert_same_grads(got_grads, grads, what=loss_type)
+
+
+def test_sft_and_dpo_on_two_ranks_match_one_process_at_another_split(run, tmp_path):
+    """SFT: 2 ranks x 2 micro-steps x 2 examples against one process with the step's 8 examples at once
+    (each micro-batch normalised by its own tokens would differ); DPO: 2 ranks x 2 pairs against 4
+    pairs at once. Every metric and each step's gradients."""
+    from fastrl.trainers.dpo import run_dpo
+    from fastrl.trainers.sft import run_sft
+
+    seed, model_dir, result, _ = run
+    cfg = sft_config(model_dir, tmp_path / "sft", seed=seed, per_device_batch_size=8)
+    cfg.train.gradient_accumulation_steps, cfg.train.export_final = 1, False
+    want, grads = _single_process_grads(run_sft, cfg, sft_rows())
+    assert_same_history(result["sft_history"], want, what="sft")
+    assert_same_grads(result["sft_grads"], grads, what="sft")
+    cfg = dpo_config(model_dir, tmp_path / "dpo", seed=seed, per_device_batch_size=4)
+    cfg.train.export_final = False
+    want, grads = _single_process_grads(run_dpo, cfg, dpo_rows())
+    assert_same_history(result["dpo_history"], want, what="dpo")
+    assert_same_grads(result["dpo_grads"], grads, what="dpo")
+
+
+def _single_process_grads(runner, cfg, rows, **kw):
+    with recorded_grads() as grads:
+        out, _ = _single_process(runner, cfg, rows, **kw)
+    return out["history"], grads
 
 
 def test_grpo_on_two_ranks_checkpoint_and_export_load(run):

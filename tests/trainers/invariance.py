@@ -66,3 +66,53 @@ def assert_same_grads(got: list[list], want: list[list], *, what: str = "") -> N
                 continue
             scale = float(w.abs().max())
             torch.testing.assert_close(g, w, rtol=REL, atol=REL * scale, msg=f"{what} step {step} grad {i}")
+
+
+# no clipping: a clipped gradient would hide a normaliser off by a constant factor
+OPTIM = dict(lr=3e-3, adam_eps=1e-3, schedule="constant", max_grad_norm=0.0)
+
+
+def train_cfg(out, seed, bs, ga, **kw):
+    from fastrl.trainers.core import TrainConfig
+
+    return TrainConfig(
+        output_dir=str(out), max_steps=2, per_device_batch_size=bs, gradient_accumulation_steps=ga,
+        progress_bar=False, export_final=False, seed=seed, **kw,
+    )  # fmt: skip
+
+
+# Per loss type, options that bring in more of its metrics: the KL to a reference (kl), engine
+# log-probs (is_weight/*), sequence-level ratios (GSPO).
+GRPO_OPTIONS = {
+    "grpo": dict(beta=0.04),
+    "bnpo": dict(beta=0.04),
+    "dr_grpo": dict(),
+    "dapo": dict(beta=0.04),
+    "cispo": dict(epsilon_high=5.0),
+    "sapo": dict(),
+    "luspo": dict(importance_sampling_level="sequence"),
+    "vespo": dict(is_mode="token_truncate"),
+}
+
+
+ENGINE_LOGPROBS = ("cispo", "vespo")
+
+
+def grpo_cfg(tiny_dir, out, seed, bs, ga, loss_type, *, spg=None, iters=1):
+    """Deterministic-rollout GRPO (``PromptEngine``, ``spread_reward``) of 2 steps; cispo and vespo with
+    engine log-probs (their importance-sampling metrics)."""
+    from fastrl.losses.grpo_config import GRPOLossConfig
+    from fastrl.models import ModelConfig
+    from fastrl.trainers.core import OptimConfig
+    from fastrl.trainers.grpo import GRPOConfig, GRPORunConfig
+
+    return GRPORunConfig(
+        model=ModelConfig(name_or_path=tiny_dir),
+        optim=OptimConfig(**{**OPTIM, "lr": 1e-2}),
+        train=train_cfg(out, seed, bs, ga),
+        grpo=GRPOConfig(
+            num_generations=2, max_completion_length=4, reward_funcs=["unused"], scale_rewards="batch",
+            steps_per_generation=spg, num_iterations=iters, use_engine_logprobs=loss_type in ENGINE_LOGPROBS,
+        ),
+        loss=GRPOLossConfig(loss_type=loss_type, **GRPO_OPTIONS[loss_type]),
+    )  # fmt: skip

@@ -10,23 +10,24 @@ import math
 import pytest
 import torch
 
-from fastrl.losses.grpo_config import LOSS_TYPES, GRPOLossConfig
+from fastrl.losses.grpo_config import LOSS_TYPES
 from fastrl.models import ModelConfig, load_model_and_tokenizer
-from fastrl.trainers.core import OptimConfig, TrainConfig
+from fastrl.trainers.core import OptimConfig
 from fastrl.trainers.metrics import Metric, reduce_step
 from tests.distributed._trainer_fsdp_worker import PromptEngine, dpo_rows, grpo_rows, spread_reward
 
-from .invariance import assert_same_grads, assert_same_history, recorded_grads
+from .invariance import (
+    ENGINE_LOGPROBS,
+    GRPO_OPTIONS,
+    OPTIM,
+    assert_same_grads,
+    assert_same_history,
+    grpo_cfg,
+    recorded_grads,
+    train_cfg,
+)
 
-# no clipping: a clipped gradient would hide a normaliser off by a constant factor
-_OPTIM = dict(lr=3e-3, adam_eps=1e-3, schedule="constant", max_grad_norm=0.0)
-
-
-def _train(out, seed, bs, ga, **kw) -> TrainConfig:
-    return TrainConfig(
-        output_dir=str(out), max_steps=2, per_device_batch_size=bs, gradient_accumulation_steps=ga,
-        progress_bar=False, export_final=False, seed=seed, **kw,
-    )  # fmt: skip
+_train = train_cfg
 
 
 def _run(runner, cfg, rows, **kw):
@@ -47,7 +48,7 @@ def test_sft_split_invariant(tiny_dir, tmp_path, seed):
     for bs, ga in ((8, 1), (4, 2), (2, 4)):
         cfg = SFTRunConfig(
             model=ModelConfig(name_or_path=tiny_dir), data=DataConfig(max_length=32),
-            optim=OptimConfig(**_OPTIM), train=_train(tmp_path / f"{bs}x{ga}", seed, bs, ga),
+            optim=OptimConfig(**OPTIM), train=_train(tmp_path / f"{bs}x{ga}", seed, bs, ga),
             sft=SFTConfig(completion_only_loss=False),
         )  # fmt: skip
         rows = [{"text": "1+2=3" * (1 + i % 5)} for i in range(24)]
@@ -66,7 +67,7 @@ def test_dpo_split_invariant(tiny_dir, tmp_path, seed):
     for bs, ga in ((4, 1), (2, 2), (1, 4)):
         cfg = DPORunConfig(
             model=ModelConfig(name_or_path=tiny_dir), data=DataConfig(max_length=32),
-            optim=OptimConfig(**_OPTIM), train=_train(tmp_path / f"{bs}x{ga}", seed, bs, ga),
+            optim=OptimConfig(**OPTIM), train=_train(tmp_path / f"{bs}x{ga}", seed, bs, ga),
             dpo=DPOConfig(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5]),
         )  # fmt: skip
         runs[bs, ga] = _run(run_dpo, cfg, dpo_rows())
@@ -75,37 +76,8 @@ def test_dpo_split_invariant(tiny_dir, tmp_path, seed):
         assert_same_grads(runs[split][1], runs[4, 1][1], what=f"dpo {split}")
 
 
-# Per loss type, options that bring in more of its metrics: the KL to a reference (kl), engine
-# log-probs (is_weight/*), sequence-level ratios (GSPO).
-_GRPO_OPTIONS = {
-    "grpo": dict(beta=0.04),
-    "bnpo": dict(beta=0.04),
-    "dr_grpo": dict(),
-    "dapo": dict(beta=0.04),
-    "cispo": dict(epsilon_high=5.0),
-    "sapo": dict(),
-    "luspo": dict(importance_sampling_level="sequence"),
-    "vespo": dict(is_mode="token_truncate"),
-}
-
-
-def grpo_cfg(tiny_dir, out, seed, bs, ga, loss_type, *, spg=None, engine_logprobs=False):
-    from fastrl.trainers.grpo import GRPOConfig, GRPORunConfig
-
-    return GRPORunConfig(
-        model=ModelConfig(name_or_path=tiny_dir),
-        optim=OptimConfig(**{**_OPTIM, "lr": 1e-2}),
-        train=_train(out, seed, bs, ga),
-        grpo=GRPOConfig(
-            num_generations=2, max_completion_length=4, reward_funcs=["unused"], scale_rewards="batch",
-            steps_per_generation=spg, use_engine_logprobs=engine_logprobs,
-        ),
-        loss=GRPOLossConfig(loss_type=loss_type, **_GRPO_OPTIONS[loss_type]),
-    )  # fmt: skip
-
-
 def test_grpo_options_cover_every_loss_type():
-    assert set(_GRPO_OPTIONS) == set(LOSS_TYPES)
+    assert set(GRPO_OPTIONS) == set(LOSS_TYPES)
 
 
 @pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
@@ -113,14 +85,13 @@ def test_grpo_split_invariant(tiny_dir, tmp_path, seed, loss_type):
     """8 completions per step, as one micro-batch or two; deterministic rollouts (PromptEngine)."""
     from fastrl.trainers.grpo import run_grpo
 
-    engine_lp = loss_type in ("cispo", "vespo")
     runs = {}
     for bs, ga in ((8, 1), (4, 2)):
-        cfg = grpo_cfg(tiny_dir, tmp_path / f"{bs}x{ga}", seed, bs, ga, loss_type, engine_logprobs=engine_lp)
+        cfg = grpo_cfg(tiny_dir, tmp_path / f"{bs}x{ga}", seed, bs, ga, loss_type)
         runs[bs, ga] = _run(run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
     hist = runs[8, 1][0]
     assert {"completion_length_min", "ratio/max", "entropy"} <= set(hist[0])
-    if engine_lp:
+    if loss_type in ENGINE_LOGPROBS:
         assert "is_weight/mean" in hist[0]
     assert_same_history(runs[4, 2][0], hist, what=loss_type)
     assert_same_grads(runs[4, 2][1], runs[8, 1][1], what=loss_type)
@@ -198,3 +169,33 @@ def test_generation_batch_size_is_global(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg.grpo.generation_batch_size, cfg.grpo.num_generations, cfg.grpo.steps_per_generation = 16, 2, None
     assert schedule(cfg) == (16, 4)  # the process group's world size by default
+
+
+def test_grpo_two_passes_split_invariant(tiny_dir, tmp_path, monkeypatch, seed):
+    """num_iterations 2: old log-probs and the entropy come from the rollout's pass; the rollout's token
+    means and extremes are Metrics the loop reduces over ranks (checked at world size 2 elsewhere)."""
+    import fastrl.trainers.grpo as grpo
+
+    rounds = []
+    original = grpo.make_rollout
+
+    def spy(*args):
+        out = original(*args)
+        rounds.append(out[1])
+        return out
+
+    monkeypatch.setattr(grpo, "make_rollout", spy)
+    runs = {}
+    for bs, ga in ((8, 1), (4, 2)):
+        cfg = grpo_cfg(tiny_dir, tmp_path / f"{bs}x{ga}", seed, bs, ga, "bnpo", iters=2)
+        runs[bs, ga] = _run(grpo.run_grpo, cfg, grpo_rows(), reward_funcs=[spread_reward], engine="prompt")
+    assert runs[8, 1][0][1]["ratio/mean"] != 1.0
+    assert_same_history(runs[4, 2][0], runs[8, 1][0], what="bnpo mu=2")
+    assert_same_grads(runs[4, 2][1], runs[8, 1][1], what="bnpo mu=2")
+    kinds = {k: v.kind for k, v in rounds[0].items() if isinstance(v, Metric)}
+    assert kinds == {
+        "entropy": "mean",
+        "completion_length": "mean",
+        "completion_length_min": "min",
+        "completion_length_max": "max",
+    }
