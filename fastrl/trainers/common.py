@@ -132,14 +132,6 @@ def parallelize(model, ref: Reference, train_cfg, device: torch.device, *, fsdp:
     return policy
 
 
-def global_mean_count(count: torch.Tensor) -> torch.Tensor:
-    """``count`` summed over ranks, divided by the world size: the normaliser that makes FSDP's mean of
-    the ranks' gradients the gradient of the global batch (fp32). ``count`` itself at world size 1."""
-    from fastrl.distributed.env import all_reduce_mean, is_distributed
-
-    return all_reduce_mean(count.double()).float() if is_distributed() else count
-
-
 def setup_run(
     cfg, device: torch.device, fsdp: bool, *, need_reference: bool, model=None, tokenizer=None, dataset=None
 ):

@@ -3,8 +3,11 @@ length on either side), the policy's hidden states into ``FusedLinearDPOLoss`` (
 ``fastrl.losses.dpo``, LD-DPO's ``ld_alpha``), the reference's sequence log-probs computed on the fly under
 ``no_grad`` or once before training (``precompute_ref_log_probs``).
 
-Data parallel: each rank takes a token-balanced share of the global micro-batch of pairs; the losses are
-means over pairs, so FSDP's mean over ranks (equal pair counts) is the global batch's loss."""
+Data parallel and accumulation: each rank takes a token-balanced share of the global micro-batch of
+pairs, every micro-batch holds ``per_device_batch_size`` pairs and the losses and metrics are means over
+pairs, so the loop's mean over micro-steps and FSDP's over ranks are the mean over the optimizer step's
+pairs: the same loss, gradients and metrics for any world size and split (the ``sft`` loss term alone is
+a token mean over each micro-batch's chosen completions)."""
 
 from __future__ import annotations
 

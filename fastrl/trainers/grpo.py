@@ -2,18 +2,33 @@
 CISPO, SAPO...), generation decoupled from gradient accumulation.
 
 Schedule: one generation round every ``steps_per_generation * num_iterations`` micro-steps produces
-``generation_batch_size`` completions (``generation_batch_size / num_generations`` prompts); they are
-shuffled and split into ``steps_per_generation`` micro-batches of ``per_device_batch_size``, which the next
-micro-steps consume in order, ``num_iterations`` times over. Old log-probs are computed at generation only
-when some of those micro-steps run after an optimizer step (``gradient_accumulation_steps`` is not a
-multiple of the round length); otherwise the policy is unchanged and the ratio is exactly 1 at
-``old_logp = logp.detach()``.
+``generation_batch_size`` completions over all ranks (``generation_batch_size / num_generations`` prompts;
+each rank generates its ``1 / WORLD_SIZE`` share, ``per_device_batch_size * steps_per_generation``
+completions, whole groups); each rank shuffles its share and splits it into ``steps_per_generation``
+micro-batches of ``per_device_batch_size``, which the next micro-steps consume in order, ``num_iterations``
+times over. Old log-probs are computed at generation only when some of those micro-steps run after an
+optimizer step (``gradient_accumulation_steps`` is not a multiple of the round length); otherwise the
+policy is unchanged and the ratio is exactly 1 at ``old_logp = logp.detach()``.
 
-Data parallel: ``generation_batch_size`` counts the completions of one rank. Each rank takes a disjoint
-slice of every global draw of prompts and generates for it; rewards are gathered so advantages are those
-of the global batch (exactly as one process would compute them), and dapo/cispo normalise by the global
-completion-token count divided by the world size, so FSDP's mean over ranks of the gradients is the
-global batch's.
+Semantic change (issue 8) for users of ``grpo.generation_batch_size`` under torchrun: it now counts the
+completions of all ranks, as TRL's does; it used to count one rank's (the same number now gives each of N
+ranks 1/N of the rollouts). The default (``None``: ``per_device_batch_size x steps_per_generation x
+WORLD_SIZE``) keeps each rank's share as it was. A value that does not split into whole micro-batches and
+whole groups per rank is refused with the numbers.
+
+Normalisers, at any world size and accumulation split the global batch's (rewards are gathered, so the
+advantages are those one process would compute): ``grpo``/``sapo``/``dr_grpo``/``luspo`` weigh each
+sequence by a factor of its own and of the per-rank micro-batch size (equal on every rank and micro-step),
+so the mean over ranks and micro-steps is the global one; ``dapo``/``cispo``/``vespo`` divide by the
+generation batch's completion tokens over all ranks (per micro-step: that / (world size x
+steps_per_generation)); ``bnpo`` is the token mean over the optimizer step's global batch (its completion
+tokens over all micro-steps and ranks; TRL's bnpo takes the local micro-batch's, the same at world size 1
+with one micro-step per step). Not global: the ``entropy_coef`` bonus and the ``top_entropy_quantile``
+mask act on each micro-batch's tokens (as TRL's). A bnpo step that spans several rounds makes them all at
+its first micro-step (the policy is the same until the step ends, so they are the same rounds). Where a
+round feeds several optimizer steps, each rank shuffles its own share, so a step at world size N trains
+on another subset of the round than one process's step (the round, and each step's size, are the same).
+Logged metrics: see ``fastrl.trainers.core``.
 """
 
 from __future__ import annotations
