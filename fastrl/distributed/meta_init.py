@@ -10,6 +10,11 @@
    (``safe_open(...).get_slice(name)[rows]``, the rows of its dim-0 shard, or whatever the placements
    say), so the bytes read per rank are ~the model size / world size, plus one tensor's slice in flight.
 
+LoRA runs build the adapters on the meta device too (PEFT wraps the meta model); they are not in the
+weight files: :func:`init_lora_adapters` then sets them from a generator seeded by the run's seed and
+each adapter's name, which the unsharded trainers use as well, so a LoRA run starts from the same
+adapters at any world size, sharded or not.
+
 The peak it holds (its own shards plus the largest slice in flight) is returned with the model's
 full size, so a run can print both: ``model_bytes / world_size + max_slice_bytes`` versus ``model_bytes``.
 """
@@ -86,6 +91,58 @@ def build_on_meta(model_cfg):
     return model
 
 
+def file_key(name: str) -> str:
+    """A parameter's name in the base model's weight files: wrapper module names removed and, under a
+    PEFT model, its ``base_model.model.`` prefix and the ``.base_layer`` of wrapped layers."""
+    key = hf_name(name).removeprefix("base_model.model.")
+    return key.replace(".base_layer.", ".")
+
+
+def _is_lora(key: str) -> bool:
+    return ".lora_" in key
+
+
+def init_lora_adapters(model: nn.Module, seed: int) -> int:
+    """Initialise ``model``'s LoRA adapters (in place, after the base weights are loaded) so that they do
+    not depend on the world size, on sharding or on the RNG state: ``lora_A`` ~ U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) (PEFT's default, kaiming-uniform with a = sqrt(5)), drawn from a generator seeded by
+    ``seed`` and the parameter's name, full-size on the CPU (adapters are small) and this rank's slice
+    kept; ``lora_B`` = 0. Returns the number of tensors set. ``ValueError`` for adapter kinds other than
+    linear ``lora_A`` / ``lora_B`` (embedding adapters, DoRA)."""
+    import zlib
+
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    count = 0
+    for name, p in model.named_parameters():
+        key = file_key(name)
+        if not _is_lora(key):
+            continue
+        if ".lora_A." in key and p.dim() == 2:
+            # one 32-bit seed (the CPU generator's Mersenne twister ignores higher bits) of both
+            g = torch.Generator().manual_seed(zlib.crc32(f"{int(seed)}:{key}".encode()))
+            bound = 1.0 / p.shape[1] ** 0.5
+            full = (torch.rand(tuple(p.shape), generator=g, dtype=torch.float32) * 2 - 1) * bound
+        elif ".lora_B." in key:
+            full = torch.zeros(tuple(p.shape))
+        else:
+            raise ValueError(
+                f"seeded LoRA init knows linear lora_A / lora_B adapters, not {key!r}: set "
+                "train.fsdp_meta_init false to load this LoRA model the ordinary way"
+            )
+        if isinstance(p, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            local = p.to_local()
+        else:
+            shape, offset, local = tuple(p.shape), (0,) * p.dim(), p.data
+        part = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+        with torch.no_grad():
+            local.copy_(part.reshape(local.shape).to(local.dtype))
+        count += 1
+    return count
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoadReport:
     model_bytes: int
@@ -121,7 +178,11 @@ def materialize_and_load(model: nn.Module, model_dir: str | Path, device: torch.
     total = local_total = max_slice = 0
     with contextlib.ExitStack() as stack:
         for name, p in model.named_parameters():
-            key = hf_name(name)
+            key = file_key(name)
+            if _is_lora(key):  # not in the base model's files: init_lora_adapters fills them
+                total += p.numel() * p.element_size()
+                local_total += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+                continue
             if key not in files:
                 raise ValueError(f"parameter {key!r} is not in the weight files of {model_dir}")
             if files[key] not in handles:

@@ -142,6 +142,9 @@ def setup_run(
     from fastrl.trainers.run_state import preflight
 
     preflight(cfg.train)  # output folder and resume checks, before anything loads
+    from fastrl.models.heads import peft_model
+
+    fresh_lora = cfg.lora.enabled and (model is None or peft_model(model) is None)
     meta = model is None and fsdp and _meta_init_applies(cfg)
     if meta:  # parameters on the meta device; each rank loads its own shards once they are sharded
         from fastrl.distributed.meta_init import build_on_meta
@@ -153,21 +156,28 @@ def setup_run(
     model, tokenizer, ref = setup_policy(
         cfg.model, cfg.lora, device, need_reference=need_reference, model=model, tokenizer=tokenizer
     )
+    from fastrl.distributed.meta_init import init_lora_adapters
+
+    if fresh_lora and not meta:  # seeded after load: the same adapters as the meta-device path's
+        init_lora_adapters(model, cfg.train.seed)
     policy = parallelize(model, ref, cfg.train, device, fsdp=fsdp)
     if meta:
         _load_shards(model, ref, cfg, device)
+        if fresh_lora:
+            init_lora_adapters(model, cfg.train.seed)
     dataset = as_dataset(dataset) if dataset is not None else load_data(cfg.data)
     return model, tokenizer, ref, policy, dataset
 
 
 def _meta_init_applies(cfg) -> bool:
-    """``train.fsdp_meta_init`` for a full fine-tune of a local safetensors model (LoRA runs and Hub
-    names load the ordinary way: a LoRA adapter's random init would differ from the unsharded run's)."""
+    """``train.fsdp_meta_init`` for a local safetensors model, full fine-tune or LoRA (whose adapters are
+    initialised from the seed after the load, as in the unsharded run: ``init_lora_adapters``). Hub names
+    load the ordinary way."""
     from pathlib import Path
 
     from fastrl.distributed.meta_init import weight_files
 
-    if not cfg.train.fsdp_meta_init or cfg.lora.enabled or cfg.model.gradient_checkpointing:
+    if not cfg.train.fsdp_meta_init or cfg.model.gradient_checkpointing:
         return False
     return Path(cfg.model.name_or_path).is_dir() and weight_files(cfg.model.name_or_path) is not None
 

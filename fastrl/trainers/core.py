@@ -155,7 +155,7 @@ class TrainConfig:
         default=True,
         metadata={
             "help": "Under FSDP, build the model on the meta device and load each rank's shards straight "
-            "from the safetensors files (full fine-tunes of a local model; no rank holds the full model)."
+            "from the safetensors files (a local model, full or LoRA; no rank holds the full model)."
         },
     )
     activation_checkpointing: str = field(

@@ -172,6 +172,18 @@ def main() -> None:
     cfg.train.resume_from_checkpoint = str(out / "sft_dcp_ws1" / "checkpoint-2")
     result["sft_dcp_from_1_history"] = run_sft(cfg, dataset=sft_rows())["history"]
 
+    # LoRA by name: built on the meta device, the base weights loaded shard by shard, the adapters seeded
+    # after the load (the same as one process's).
+    from fastrl.models import LoraConfig
+    from fastrl.trainers.common import _meta_init_applies
+
+    cfg = sft_config(a.model, out / "sft_lora_meta", seed=seed, per_device_batch_size=2)
+    cfg.lora, cfg.train.export_final = LoraConfig(enabled=True, r=4, alpha=8), False
+    result["sft_lora_meta_applies"] = _meta_init_applies(cfg)
+    with recorded_grads() as grads:
+        res = run_sft(cfg, dataset=sft_rows())
+    result["sft_lora_meta"] = (res["history"], grads)
+
     # FSDP options: HSDP on a 2-D mesh (2 replicas x 1 shard), and CPU offload (unpinned on the CPU,
     # with a warning) without resharding after forward; both must train as the plain run does.
     cfg = sft_config(a.model, out / "sft_hsdp", seed=seed, per_device_batch_size=2)

@@ -219,6 +219,24 @@ def test_sft_and_dpo_on_two_ranks_match_one_process_at_another_split(run, tmp_pa
     assert_same_grads(result["dpo_grads"], grads, what="dpo")
 
 
+def test_lora_meta_init_on_two_ranks_matches_one_process(run, tmp_path):
+    """A LoRA SFT run by name at world size 2 builds on the meta device (base weights loaded shard by
+    shard, adapters seeded after the load) and trains as one process that loaded the model whole."""
+    from fastrl.models import LoraConfig
+    from fastrl.trainers.sft import run_sft
+
+    seed, model_dir, result, _ = run
+    assert result["sft_lora_meta_applies"]
+    cfg = sft_config(model_dir, tmp_path, seed=seed, per_device_batch_size=4)
+    cfg.lora, cfg.train.export_final = LoraConfig(enabled=True, r=4, alpha=8), False
+    with recorded_grads() as grads:
+        want = run_sft(cfg, dataset=sft_rows())["history"]
+    got, got_grads = result["sft_lora_meta"]
+    assert len(grads[0]) == 2 * 2 * 7  # lora_A and lora_B of 7 linear layers in each of 2 layers
+    assert_same_history(got, want, what="lora meta")
+    assert_same_grads(got_grads, grads, what="lora meta")
+
+
 def _single_process_grads(runner, cfg, rows, **kw):
     with recorded_grads() as grads:
         out, _ = _single_process(runner, cfg, rows, **kw)

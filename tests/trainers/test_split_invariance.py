@@ -243,3 +243,29 @@ def test_resume_with_step_lookahead_is_bit_identical(tiny_dir, tmp_path, monkeyp
     resumed = go(cfg)["history"]
     keys = [k for k in full[0] if k != "elapsed_s"]
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in full[1:]]
+
+
+def test_lora_adapters_seeded_after_load(tiny_dir):
+    """init_lora_adapters: PEFT's default distribution, a function of the seed and the names only, so the
+    meta-device path (adapters built on meta, base weights from the files) gives the loaded path's model."""
+    from fastrl.distributed.meta_init import build_on_meta, init_lora_adapters, materialize_and_load
+    from fastrl.models import LoraConfig, apply_lora
+
+    lora = LoraConfig(enabled=True, r=4, alpha=8)
+    loaded = apply_lora(load_model_and_tokenizer(ModelConfig(name_or_path=tiny_dir))[0], lora)
+    assert init_lora_adapters(loaded, 7) == 28
+    meta = apply_lora(build_on_meta(ModelConfig(name_or_path=tiny_dir)), lora)
+    materialize_and_load(meta, tiny_dir, torch.device("cpu"))
+    init_lora_adapters(meta, 7)
+    want, got = loaded.state_dict(), meta.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    a = {k: v.clone() for k, v in want.items() if "lora_A" in k}
+    assert all(float(v.abs().max()) <= 64**-0.5 and float(v.abs().max()) > 0.5 * 64**-0.5 for v in a.values())
+    assert all(not v.any() for k, v in want.items() if "lora_B" in k)
+    assert len({float(v.sum()) for v in a.values()}) == len(a)  # each adapter its own draw
+    init_lora_adapters(loaded, 8)
+    assert not torch.equal(
+        next(iter(a.values())), next(v for k, v in loaded.state_dict().items() if "lora_A" in k)
+    )
