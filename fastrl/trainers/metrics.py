@@ -14,7 +14,8 @@ into micro-batches, by the key's reduction:
   Right for values that are already the global batch's (the loss, whose normaliser is global; round
   metrics computed from gathered rewards) or means over equal counts.
 
-``reduce_step`` does it with two collectives (a SUM and a MIN all-reduce) per optimizer step.
+``reduce_step`` does it with three small collectives per optimizer step (a checksum of the keys, which
+must be the same on every rank, then a SUM and a MIN all-reduce).
 """
 
 from __future__ import annotations
@@ -107,9 +108,18 @@ def reduce_step(micro_metrics: list[dict]) -> dict[str, float]:
     from fastrl.distributed.env import is_distributed
 
     if is_distributed():
+        import zlib
+
         import torch.distributed as dist
 
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        # Every rank must bring the same keys and kinds, else the reductions below would mix metrics:
+        # compare a checksum first (min of it and of its negation: equal on every rank iff all agree).
+        crc = float(zlib.crc32(repr([(k, kinds[k]) for k in keys]).encode()))
+        check = torch.tensor([crc, -crc], dtype=torch.float64, device=device)
+        dist.all_reduce(check, op=dist.ReduceOp.MIN)
+        if check.tolist() != [crc, -crc]:
+            raise RuntimeError(f"the ranks log different metrics (keys and kinds); this rank's: {keys}")
         sums, ext = sums.to(device), ext.to(device)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         dist.all_reduce(ext, op=dist.ReduceOp.MIN)
