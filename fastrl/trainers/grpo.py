@@ -295,10 +295,10 @@ def _global_metrics(metrics: dict, mask: torch.Tensor) -> dict:
     n = float(mask.sum())
     out = {}
     for key, v in metrics.items():
-        if key == "logp" or torch.as_tensor(v).numel() != 1 and key != "entropy":
-            continue
         if key == "entropy":  # [B, T] per-token entropy from the loss's own pass
             out[key] = Metric.mean((v * mask).sum(), n)
+        elif key == "logp" or torch.as_tensor(v).numel() != 1:  # per-token tensors, not metrics
+            continue
         elif key in _EXTREMES:
             out[key] = _EXTREMES[key](v)
         elif key in _COUNTS:
