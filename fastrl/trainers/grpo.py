@@ -75,6 +75,14 @@ class GRPOConfig:
     )
     shuffle_rollouts: bool = field(default=True, metadata={"help": "Shuffle a round before splitting it."})
     chunk_size: int | None = field(default=None, metadata={"help": "Tokens per fused log-prob chunk."})
+    share_prompt_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each distinct prompt of a micro-batch once in the training and log-prob forwards "
+            "(exact; falls back to the padded forward under FSDP, activation checkpointing, compiled "
+            "layers, non-sdpa/eager attention)."
+        },
+    )
 
     def __post_init__(self):
         if self.num_generations < 2:
@@ -180,13 +188,11 @@ class GRPOStep:
             n = float(global_mean_count(mb["completion_mask"].sum()))
             loss_fn.config = dataclasses.replace(self.loss_cfg, loss_type="dapo", num_items_in_batch=n)
 
-        def head(hidden, weight, bias, mb):
-            C = mb["completion_ids"].shape[1]
-            P = mb["input_ids"].shape[1] - C
+        def head(hidden, weight, bias, mb):  # hidden: [B, C, H], the states scoring the completion tokens
             mask = mb["completion_mask"]
             labels = torch.where(mask > 0, mb["completion_ids"], -100)
             return loss_fn(
-                hidden[:, P - 1 : -1],
+                hidden,
                 weight,
                 labels,
                 mb.get("old_logp"),
@@ -197,7 +203,8 @@ class GRPOStep:
                 engine_logp=mb.get("engine_logp"),
             )
 
-        loss, metrics = self.policy(head, mb)
+        share = self.cfg.grpo.share_prompt_forward
+        loss, metrics = self.policy(head, mb, completion=True, share_prompt=share)
         entropy = metrics.pop("entropy", None)
         metrics = {k: v for k, v in metrics.items() if k != "logp" and torch.as_tensor(v).numel() == 1}
         if entropy is not None:
