@@ -161,6 +161,7 @@ class GRPOStep:
             temperature=cfg.grpo.temperature,
             chunk_size=cfg.grpo.chunk_size,
             return_entropy=self.loss_entropy,
+            skip_ignored=True,  # right padding and masked completions: no vocabulary sweep for them
         )
         info = dist_info()
         self.sampler = ShardedSampler(
