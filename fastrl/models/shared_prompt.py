@@ -62,6 +62,8 @@ def shared_prompt_unsupported(model: nn.Module) -> str | None:
     layer_types = getattr(config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         return "the model has non-full-attention layers (sliding window, linear attention)"
+    if not layer_types and getattr(config, "sliding_window", None) is not None:
+        return "the model has a sliding attention window"  # e.g. Mistral: not verified with a cache
     for m in model.modules():
         if isinstance(m, CheckpointWrapper):
             return "activation checkpointing"

@@ -26,27 +26,34 @@ def completion_logps(
 ):
     """[B, C] fp32 log-probs of the completion tokens under ``model`` (a ``Policy`` or a bare model; 0
     outside the completion mask); with ``entropy`` also the [B, C] entropy of each position's next-token
-    distribution. ``share_prompt``: each distinct prompt runs once (``fastrl.models.shared_prompt``)."""
+    distribution (0 outside the mask). ``share_prompt``: each distinct prompt runs once
+    (``fastrl.models.shared_prompt``). Only the masked-in positions are swept over the vocabulary."""
     from fastrl.models.policy import as_policy
     from fastrl.ops.linear_logprobs import linear_logprobs
 
-    labels = torch.where(mb["completion_mask"] > 0, mb["completion_ids"], -100)
+    keep = mb["completion_mask"] > 0
+    B, C = keep.shape
 
     def head(hidden, weight, bias, mb):
-        return linear_logprobs(
-            hidden,
+        # [1, K] rows: the right padding and masked-out completions cost no vocabulary sweep
+        out = linear_logprobs(
+            hidden[keep][None],
             weight,
-            labels,
+            mb["completion_ids"][keep][None],
             bias=bias,
             temperature=temperature,
             chunk_size=chunk_size,
             return_entropy=entropy,
         )
+        return out if entropy else (out, None)
 
-    out = as_policy(model)(head, mb, completion=True, share_prompt=share_prompt)
-    logp, ent = out if entropy else (out, None)
-    logp = torch.where(labels != -100, logp, torch.zeros_like(logp))
-    return (logp, ent) if entropy else logp
+    logp_k, ent_k = as_policy(model)(head, mb, completion=True, share_prompt=share_prompt)
+
+    def scatter(t):
+        return t.new_zeros(B, C).masked_scatter_(keep, t[0])
+
+    logp = scatter(logp_k)
+    return (logp, scatter(ent_k)) if entropy else logp
 
 
 def _all_gather(t: torch.Tensor) -> torch.Tensor:

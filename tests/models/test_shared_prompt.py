@@ -148,6 +148,9 @@ def test_fallbacks_are_named_and_exact(tokenizer):
     model.config._attn_implementation = "flash_attention_2"  # noqa: SLF001
     assert "flash_attention_2" in shared_prompt_unsupported(model)
     model.config._attn_implementation = "sdpa"  # noqa: SLF001
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert "non-full-attention" in shared_prompt_unsupported(model)
+    model.config.layer_types = ["full_attention", "full_attention"]
     mb = _rollout(tokenizer, seed=1, rows=list(range(12)))
     with torch.no_grad():
         want = completion_hidden(model, mb, share=True)

@@ -50,3 +50,37 @@ def test_config_help():
     assert field.default is True and "exact" in field.metadata["help"]
     with pytest.raises(TypeError):
         GRPOConfig(True)  # keyword-only
+
+
+def test_completion_logps_match_the_model_logits(tiny_dir):
+    """Old/reference pass: log-probs (and entropies) at the masked-in completion tokens, from the model's
+    own logits; 0 elsewhere (masked-out row 1, padding); an all-masked micro-batch is all zeros."""
+    import torch
+
+    from fastrl.data import collate_prompt_completion
+    from fastrl.models import ModelConfig, load_model_and_tokenizer
+    from fastrl.trainers.rollout import completion_logps
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=tiny_dir))
+    prompts = [[5, 6, 7]] * 2 + [[8, 9]] * 2
+    mb = collate_prompt_completion(prompts, [[10, 11, 12], [13], [14, 15], [16, 17, 18]], tok.pad_token_id)
+    mask = mb["completion_mask"].float()
+    mask[1] = 0.0
+    mb["completion_mask"] = mask
+    with torch.no_grad():
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.float()
+    C = mb["completion_ids"].shape[1]
+    logp_all = torch.log_softmax(logits[:, -C - 1 : -1] / 0.7, -1)
+    want = logp_all.gather(-1, mb["completion_ids"][..., None])[..., 0] * mask
+    want_ent = -(logp_all.exp() * logp_all).sum(-1) * mask
+    for share in (False, True):
+        with torch.no_grad():
+            logp, ent = completion_logps(model, mb, temperature=0.7, entropy=True, share_prompt=share)
+        torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logp[mask == 0], torch.zeros_like(logp[mask == 0]))
+    mb["completion_mask"] = torch.zeros_like(mask)
+    with torch.no_grad():
+        assert torch.equal(
+            completion_logps(model, mb, temperature=1.0, share_prompt=True), torch.zeros_like(mask)
+        )
