@@ -44,6 +44,7 @@ def test_fastrl_step_runs_in_its_worker_and_reports_tokens_and_memory():
     parts = got["parts_s"]  # every part measured, the generation a real share of the step
     assert set(parts) == set(grpo_step.PART_KEYS) and all(v >= 0 for v in parts.values()), parts
     assert parts["generate"] > 0 and parts["optimizer"] > 0 and parts["logprob_passes"] == 0  # beta 0
+    assert parts["train_forward_loss"] > 0 and parts["rollout_other"] > 0 and parts["backward_other"] > 0
     assert sum(parts.values()) <= 1.05 * max(row.ms_all) / 1e3, (parts, row.ms_all)
 
 

@@ -34,10 +34,12 @@ the model's own chat template, through its real tokenizer), ``--prompts`` x ``--
 of at most ``--max-new-tokens``, fp32, temperature 1, beta 0. Both trainers stop at EOS (no
 ``min_new_tokens``: fastrl's engine has none), so the token count is what each actually generated, and
 only completion tokens count (tokens/s = completion tokens / step seconds). fastrl's step is also split
-into its parts, timed in the worker: ``generate`` (the engine), ``logprob_passes`` (old / reference
-log-prob passes of the rollout: none at beta 0 with one iteration), ``optimizer`` (AdamW, from the
-optimizer's pre- to post-hook) and ``loss_backward_other`` (the rest: rewards, collation, the loss's
-forward and the backward).
+into its parts, timed in the worker: ``generate`` (the engine), ``rollout_other`` (the rest of the rollout:
+decoding, rewards, advantages, collation), ``logprob_passes`` (old / reference log-prob passes of the
+rollout: none at beta 0 with one iteration), ``train_forward_loss`` (the training forward and the fused
+loss, which computes the lm_head and hidden-state gradients in its forward), ``backward_other`` (the
+backward through the decoder, gradient clipping, the loop) and ``optimizer`` (AdamW, from the
+optimizer's pre- to post-hook).
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ MiB = 2**20
 STEP_TIMEOUT_S = 900.0
 RESULTS: dict[tuple[str, str], dict[str, Any]] = {}  # (case, method) -> the last report, for main()
 REAL_MODEL: dict[str, Any] = {}  # set by main() for --model: {"model_dir", "prompts", "sizes"}
-PART_KEYS = ("generate", "logprob_passes", "optimizer", "loss_backward_other")
+# the exclusive parts of fastrl's step (module docstring)
+PART_KEYS = (
+    "generate", "rollout_other", "logprob_passes", "train_forward_loss", "backward_other", "optimizer",
+)  # fmt: skip
 # What one timed run of every grpo_step case is (the report prints it under the case).
 STEP_TIMED = "one whole GRPO step (generation, rewards, loss, backward, AdamW); extra MiB: worker peak"
 
@@ -238,25 +243,45 @@ def _trl_runner(spec: dict, reward, out_dir: str):
     return trainer.train
 
 
-def _time_fastrl_parts(parts: dict[str, float]) -> None:
-    """Accumulate the seconds spent in the engine's ``generate`` and in the rollout's log-prob passes."""
+def _time_fastrl_parts(parts: dict[str, float], cuda: bool) -> None:
+    """Accumulate the seconds spent in the engine's ``generate``, the rollout's log-prob passes, the whole
+    rollout (``_rollout``) and the whole micro-step (``_micro_step``: rollout plus the training forward
+    and fused loss); ``_split_parts`` turns them into exclusive parts."""
+    import torch
+
+    import fastrl.trainers.grpo as grpo
     import fastrl.trainers.rollout as rollout
     from fastrl.engine.base import Engine
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                parts[key] += time.perf_counter() - t0
+                if cuda:
+                    torch.cuda.synchronize()
+                parts[key] = parts.get(key, 0.0) + time.perf_counter() - t0
 
         return wrapper
 
     rollout.completion_logps = timed(rollout.completion_logps, "logprob_passes")
+    grpo.make_rollout = timed(grpo.make_rollout, "_rollout")
+    grpo.GRPOStep.micro_step = timed(grpo.GRPOStep.micro_step, "_micro_step")
     for cls in _engine_classes(Engine):
         if "generate" in vars(cls):
             cls.generate = timed(cls.generate, "generate")
+
+
+def _split_parts(parts: dict[str, float], step_s: float) -> dict[str, float]:
+    """The exclusive ``PART_KEYS`` seconds of one step from the accumulated (nested) timings."""
+    out = {k: parts.get(k, 0.0) for k in ("generate", "logprob_passes", "optimizer")}
+    out["rollout_other"] = max(0.0, parts.get("_rollout", 0.0) - out["generate"] - out["logprob_passes"])
+    out["train_forward_loss"] = max(0.0, parts.get("_micro_step", 0.0) - parts.get("_rollout", 0.0))
+    out["backward_other"] = max(0.0, step_s - sum(out.values()))
+    return {k: out[k] for k in PART_KEYS}
 
 
 def _engine_classes(base) -> list[type]:
@@ -315,10 +340,10 @@ def _worker(conn, spec: dict) -> None:
             runner_of = _fastrl_runner
         memory = _Memory(spec["device"] == "cuda")
         prompt_len, state = spec["sizes"]["prompt_len"], {"tokens": 0}
-        parts = dict.fromkeys(PART_KEYS, 0.0)
+        parts: dict[str, float] = {}
         clock = {"go": time.perf_counter(), "opt": 0.0}
         if spec["method"] == "fastrl":
-            _time_fastrl_parts(parts)
+            _time_fastrl_parts(parts, spec["device"] == "cuda")
 
         def before_optimizer_step(optimizer, args, kwargs) -> None:
             clock["opt"] = time.perf_counter()
@@ -332,16 +357,13 @@ def _worker(conn, spec: dict) -> None:
                 torch.cuda.synchronize()
             now = time.perf_counter()
             parts["optimizer"] = now - clock["opt"]
-            parts["loss_backward_other"] = (now - clock["go"]) - sum(
-                parts[k] for k in PART_KEYS if k != "loss_backward_other"
-            )
             step = {"tokens": state["tokens"], "peak_mib": memory.peak_mib()}
             if spec["method"] == "fastrl":
-                step["parts"] = dict(parts)
+                step["parts"] = _split_parts(parts, now - clock["go"])
             conn.send(("step", step))
             state["tokens"] = 0
             _wait_go(conn)
-            parts.update(dict.fromkeys(PART_KEYS, 0.0))
+            parts.clear()
             clock["go"] = time.perf_counter()
 
         with tempfile.TemporaryDirectory() as out_dir:

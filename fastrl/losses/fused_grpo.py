@@ -58,7 +58,10 @@ class FusedLinearGRPOLoss(nn.Module):
     per-token entropy of ``softmax(logits / temperature)`` into ``metrics["entropy"]`` ([B, T], fp32; fp64
     for fp64 inputs), computed in a sweep over the vocabulary that runs anyway (module docstring). It
     covers every position, ignored ones included, as ``linear_logprobs(..., return_entropy=True)`` does:
-    masking it is the caller's job.
+    masking it is the caller's job. ``skip_ignored``: positions that carry nothing to the loss (label
+    -100 and mask 0) are left out of the vocabulary sweeps (a rollout's right padding: the sweeps' cost is
+    proportional to the rows swept); the loss, its gradients and the log-probs are the same, the returned
+    entropy is 0 there.
     """
 
     def __init__(
@@ -69,12 +72,16 @@ class FusedLinearGRPOLoss(nn.Module):
         chunk_size: int | None = None,
         impl: str = "auto",
         return_entropy: bool = False,
+        skip_ignored: bool = False,
         **options,
     ):
         super().__init__()
         check_fused_options(temperature, impl, chunk_size)
         if not isinstance(return_entropy, bool):
             raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
+        if not isinstance(skip_ignored, bool):
+            raise ValueError(f"skip_ignored must be a bool, got {skip_ignored!r}")
+        self.skip_ignored = skip_ignored
         self.config = make_config(config, options)
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
@@ -84,7 +91,7 @@ class FusedLinearGRPOLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.config}, temperature={self.temperature}, chunk_size={self.chunk_size}, "
-            f"impl={self.impl!r}, return_entropy={self.return_entropy}"
+            f"impl={self.impl!r}, return_entropy={self.return_entropy}, skip_ignored={self.skip_ignored}"
         )
 
     def forward(
@@ -120,10 +127,17 @@ class FusedLinearGRPOLoss(nn.Module):
 
         trainable = [t for t in (hidden_BTH, weight_VH, bias) if t is not None and t.requires_grad]
         want_entropy = self.return_entropy or cfg.needs_entropy
+        keep = None  # the flat [B * T] rows the sweeps cover (None: all of them)
+        if self.skip_ignored:
+            kept = ((labels_BT != -100) | (mask != 0)).reshape(B * T)
+            if not bool(kept.all()):
+                keep = kept.nonzero().squeeze(1)
         if not (torch.is_grad_enabled() and trainable):
             # Loss only: one forward sweep and the elementwise loss.
             with torch.no_grad():
-                logp, entropy = self._forward_sweep(hidden_BTH, weight_VH, labels_BT, ll_kwargs, want_entropy)
+                logp, entropy = self._forward_sweep(
+                    hidden_BTH, weight_VH, labels_BT, ll_kwargs, want_entropy, keep
+                )
                 loss, metrics = self._loss_and_metrics(
                     logp, old_logp, advantages, mask, ref_logp, engine_logp, entropy
                 )
@@ -134,7 +148,7 @@ class FusedLinearGRPOLoss(nn.Module):
         if quantile or needs_full_logp(cfg, old_logp, engine_logp):
             with torch.no_grad():  # the first sweep of the module docstring: forward only
                 logp0, entropy = self._forward_sweep(
-                    hidden_BTH, weight_VH, labels_BT, ll_kwargs, self.return_entropy or quantile
+                    hidden_BTH, weight_VH, labels_BT, ll_kwargs, self.return_entropy or quantile, keep
                 )
         # The math in the dtype of the log-probs (fp64 for fp64 inputs), as grpo_loss does.
         p = prepare_grpo(
@@ -145,26 +159,40 @@ class FusedLinearGRPOLoss(nn.Module):
         # The entropy comes from this sweep when there was no first one (module docstring), and its
         # row pass runs here whenever the entropy bonus sends a gradient through it.
         with_entropy = (want_entropy and entropy is None) or cfg.entropy_coef != 0.0
+        labels_N = labels_BT.reshape(B * T)
+        swept = hidden_NH if keep is None else hidden_NH.detach().index_select(0, keep)
         res = fused_linear_logprobs_with_grad(
-            hidden_NH, weight_VH, labels_BT.reshape(B * T), _chunk_grad_fn(p, B, T),
+            swept, weight_VH, labels_N if keep is None else labels_N[keep], _chunk_grad_fn(p, B, T, keep),
             with_entropy=with_entropy, **ll_kwargs,
         )  # fmt: skip
-        logp = res.logp.view(B, T)
+        logp = _scatter_rows(res.logp, keep, B * T).view(B, T)
         if entropy is None and with_entropy:
-            entropy = res.entropy.view(B, T)
+            entropy = _scatter_rows(res.entropy, keep, B * T).view(B, T)
+        grad_hidden = _scatter_rows(res.grad_hidden, keep, B * T)
         with torch.no_grad():
             loss, metrics = self._loss_and_metrics(
                 logp, old_logp, advantages, mask, ref_logp, engine_logp, entropy
             )
         loss = AttachGrads.apply(
-            loss, hidden_NH, weight_VH, bias, res.grad_hidden, res.grad_weight, res.grad_bias
+            loss, hidden_NH, weight_VH, bias, grad_hidden, res.grad_weight, res.grad_bias
         )
         return loss, metrics
 
-    def _forward_sweep(self, hidden_BTH, weight_VH, labels_BT, ll_kwargs, with_entropy: bool):
-        """(logp, entropy or None) [B, T] from one forward-only sweep."""
-        out = linear_logprobs(hidden_BTH, weight_VH, labels_BT, return_entropy=with_entropy, **ll_kwargs)
-        return out if with_entropy else (out, None)
+    def _forward_sweep(self, hidden_BTH, weight_VH, labels_BT, ll_kwargs, with_entropy: bool, keep=None):
+        """(logp, entropy or None) [B, T] from one forward-only sweep (over the flat rows ``keep`` only,
+        0 elsewhere, when given)."""
+        B, T, H = hidden_BTH.shape
+        if keep is not None:
+            hidden = hidden_BTH.reshape(B * T, H).index_select(0, keep)[None]
+            labels = labels_BT.reshape(B * T)[keep][None]
+        else:
+            hidden, labels = hidden_BTH, labels_BT
+        out = linear_logprobs(hidden, weight_VH, labels, return_entropy=with_entropy, **ll_kwargs)
+        logp, entropy = out if with_entropy else (out, None)
+        if keep is not None:
+            logp = _scatter_rows(logp[0], keep, B * T).view(B, T)
+            entropy = None if entropy is None else _scatter_rows(entropy[0], keep, B * T).view(B, T)
+        return logp, entropy
 
     def _loss_and_metrics(self, logp, old_logp, advantages, mask, ref_logp, engine_logp, entropy):
         loss, metrics = grpo_loss(
@@ -177,10 +205,24 @@ class FusedLinearGRPOLoss(nn.Module):
         return loss, metrics
 
 
-def _chunk_grad_fn(p, B: int, T: int):
-    """``grad_fn(rows, logp_C, entropy_C)`` over the flat [B * T] tokens, from ``prepare_grpo``'s output."""
-    flat = {k: None if t is None else t.expand(B, T).reshape(B * T) for k, t in p.token_tensors().items()}
-    ent_grad = None if p.entropy_grad is None else p.entropy_grad.expand(B, T).reshape(B * T)
+def _scatter_rows(t: torch.Tensor | None, keep: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``t`` ([K, ...], the rows ``keep`` of n) back to [n, ...], zeros elsewhere; ``t`` itself when
+    ``keep`` is None."""
+    if t is None or keep is None:
+        return t
+    return t.new_zeros((n, *t.shape[1:])).index_copy_(0, keep, t)
+
+
+def _chunk_grad_fn(p, B: int, T: int, keep: torch.Tensor | None = None):
+    """``grad_fn(rows, logp_C, entropy_C)`` over the flat [B * T] tokens (or the rows ``keep`` of them),
+    from ``prepare_grpo``'s output."""
+
+    def flatten(t):
+        t = t.expand(B, T).reshape(B * T)
+        return t if keep is None else t[keep]
+
+    flat = {k: None if t is None else flatten(t) for k, t in p.token_tensors().items()}
+    ent_grad = None if p.entropy_grad is None else flatten(p.entropy_grad)
 
     def grad_fn(rows: slice, logp_C: torch.Tensor, entropy_C: torch.Tensor | None):
         chunk = {k: None if t is None else t[rows] for k, t in flat.items()}

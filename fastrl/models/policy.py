@@ -10,8 +10,12 @@ loss's gradient to the lm_head weight reaches FSDP's backward hooks and is reduc
 
 ``policy(head_fn, batch)``: ``head_fn(hidden_BTH, weight_VH, bias_V | None, batch)`` gets the final hidden
 states of ``batch`` (``input_ids``, ``attention_mask``, ``position_ids``) and the head, and its result is
-returned. ``policy.run(fn, *args)`` runs ``fn(model, *args)`` inside ``forward`` (generation, which calls
-the Hugging Face model itself). Without FSDP both are plain function calls: the numbers are the same.
+returned. ``policy(head_fn, batch, completion=True, share_prompt=...)``: a rollout batch (prompts left-padded
+to P columns, completions right-padded to C), and ``head_fn`` gets the [B, C, H] states that score the
+completion tokens, ``hidden_BTH[:, P - 1 : -1]``, from ``fastrl.models.shared_prompt.completion_hidden``
+(each distinct prompt run once when ``share_prompt`` and the model allow it; the same numbers either way).
+``policy.run(fn, *args)`` runs ``fn(model, *args)`` inside ``forward`` (generation, which calls the Hugging
+Face model itself). Without FSDP both are plain function calls: the numbers are the same.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 from torch import nn
 
 from fastrl.models.heads import backbone_hidden, lm_head_params
+from fastrl.models.shared_prompt import completion_hidden
 
 _RUN = object()  # marks a ``run`` call to ``forward``
 
@@ -34,17 +39,20 @@ class Policy(nn.Module):
             raise ValueError("model is already a Policy")
         self.model = model
 
-    def forward(self, head_fn, *args, **kwargs):
+    def forward(self, head_fn, *args, completion: bool = False, share_prompt: bool = False, **kwargs):
         if head_fn is _RUN:
             fn, *rest = args
             return fn(self.model, *rest, **kwargs)
         (batch,) = args
-        hidden = backbone_hidden(
-            self.model,
-            batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-        )
+        if completion:
+            hidden = completion_hidden(self.model, batch, share=share_prompt)
+        else:
+            hidden = backbone_hidden(
+                self.model,
+                batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"),
+            )
         weight, bias = lm_head_params(self.model)
         return head_fn(hidden, weight, bias, batch, **kwargs)
 

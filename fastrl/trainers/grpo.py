@@ -94,6 +94,14 @@ class GRPOConfig:
     )
     shuffle_rollouts: bool = field(default=True, metadata={"help": "Shuffle a round before splitting it."})
     chunk_size: int | None = field(default=None, metadata={"help": "Tokens per fused log-prob chunk."})
+    share_prompt_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each distinct prompt of a micro-batch once in the training and log-prob forwards "
+            "(exact; falls back to the padded forward under FSDP, activation checkpointing, compiled "
+            "layers, non-sdpa/eager attention)."
+        },
+    )
 
     def __post_init__(self):
         if self.num_generations < 2:
@@ -178,6 +186,7 @@ class GRPOStep:
             temperature=cfg.grpo.temperature,
             chunk_size=cfg.grpo.chunk_size,
             return_entropy=self.loss_entropy,
+            skip_ignored=True,  # right padding and masked completions: no vocabulary sweep for them
         )
         info = dist_info()
         self.sampler = ShardedSampler(
@@ -233,13 +242,11 @@ class GRPOStep:
         if self.loss_cfg.uses_num_items and self.loss_cfg.num_items_in_batch is None:
             loss_fn.config = dataclasses.replace(self.loss_cfg, num_items_in_batch=float(mb["num_items"]))
 
-        def head(hidden, weight, bias, mb):
-            C = mb["completion_ids"].shape[1]
-            P = mb["input_ids"].shape[1] - C
+        def head(hidden, weight, bias, mb):  # hidden: [B, C, H], the states scoring the completion tokens
             mask = mb["completion_mask"]
             labels = torch.where(mask > 0, mb["completion_ids"], -100)
             return loss_fn(
-                hidden[:, P - 1 : -1],
+                hidden,
                 weight,
                 labels,
                 mb.get("old_logp"),
@@ -250,7 +257,8 @@ class GRPOStep:
                 engine_logp=mb.get("engine_logp"),
             )
 
-        loss, metrics = self.policy(head, mb)
+        share = self.cfg.grpo.share_prompt_forward
+        loss, metrics = self.policy(head, mb, completion=True, share_prompt=share)
         return loss, {**self.round_metrics, **_global_metrics(metrics, mb["completion_mask"])}
 
     def state_dict(self) -> dict:

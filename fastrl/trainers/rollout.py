@@ -22,32 +22,39 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id) + 1] if eos_id in ids else list(ids)
 
 
-def completion_logps(model, mb: dict, *, temperature: float, chunk_size=None, entropy: bool = False):
+def completion_logps(
+    model, mb: dict, *, temperature: float, chunk_size=None, entropy: bool = False, share_prompt: bool = False
+):
     """[B, C] fp32 log-probs of the completion tokens under ``model`` (a ``Policy`` or a bare model; 0
     outside the completion mask); with ``entropy`` also the [B, C] entropy of each position's next-token
-    distribution."""
+    distribution (0 outside the mask). ``share_prompt``: each distinct prompt runs once
+    (``fastrl.models.shared_prompt``). Only the masked-in positions are swept over the vocabulary."""
     from fastrl.models.policy import as_policy
     from fastrl.ops.linear_logprobs import linear_logprobs
 
-    C = mb["completion_ids"].shape[1]
-    P = mb["input_ids"].shape[1] - C
-    labels = torch.where(mb["completion_mask"] > 0, mb["completion_ids"], -100)
+    keep = mb["completion_mask"] > 0
+    B, C = keep.shape
 
     def head(hidden, weight, bias, mb):
-        return linear_logprobs(
-            hidden[:, P - 1 : -1],
+        # [1, K] rows: the right padding and masked-out completions cost no vocabulary sweep
+        out = linear_logprobs(
+            hidden[keep][None],
             weight,
-            labels,
+            mb["completion_ids"][keep][None],
             bias=bias,
             temperature=temperature,
             chunk_size=chunk_size,
             return_entropy=entropy,
         )
+        return out if entropy else (out, None)
 
-    out = as_policy(model)(head, mb)
-    logp, ent = out if entropy else (out, None)
-    logp = torch.where(labels != -100, logp, torch.zeros_like(logp))
-    return (logp, ent) if entropy else logp
+    logp_k, ent_k = as_policy(model)(head, mb, completion=True, share_prompt=share_prompt)
+
+    def scatter(t):
+        return t.new_zeros(B, C).masked_scatter_(keep, t[0])
+
+    logp = scatter(logp_k)
+    return (logp, scatter(ent_k)) if entropy else logp
 
 
 def _all_gather(t: torch.Tensor) -> torch.Tensor:
@@ -138,6 +145,7 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
     # Without it the loss's own pass reports the entropy (GRPOStep.loss_entropy).
     policy_pass = trainer.need_old
     entropy_sum = 0.0
+    share = g.share_prompt_forward
     with torch.no_grad():
         for key, needed in (("old_logp", policy_pass), ("ref_logp", trainer.ref.needed)):
             if not needed:
@@ -147,15 +155,17 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
                 mb = {k: v[start : start + bs].to(device) for k, v in batch.items()}
                 if key == "old_logp":
                     out = completion_logps(
-                        trainer.policy, mb, temperature=g.temperature, entropy=g.log_entropy
-                    )
+                        trainer.policy, mb, temperature=g.temperature, entropy=g.log_entropy,
+                        share_prompt=share,
+                    )  # fmt: skip
                     lp, ent = out if g.log_entropy else (out, None)
                     if ent is not None:
                         entropy_sum += float((ent * mb["completion_mask"]).sum())
                     parts.append(lp.cpu())
                 else:
                     with trainer.ref.model() as ref_model:
-                        parts.append(completion_logps(ref_model, mb, temperature=g.temperature).cpu())
+                        lp = completion_logps(ref_model, mb, temperature=g.temperature, share_prompt=share)
+                        parts.append(lp.cpu())
             if key == "old_logp" and g.log_entropy:  # a token mean: its sum and count add over ranks
                 metrics["entropy"] = Metric.mean(entropy_sum, float(mask.sum()))
             batch[key] = torch.cat(parts)
