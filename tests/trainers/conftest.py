@@ -34,11 +34,13 @@ def interrupt_after(monkeypatch, cls, calls: int) -> None:
     monkeypatch.setattr(cls, "micro_step", micro_step)
 
 
-def assert_same_history(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> None:
+def assert_same_history(
+    a: list[dict], b: list[dict], keys: tuple[str, ...], *, rel: float = 1e-6, abs: float = 1e-7
+) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         for k in keys:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k, ra[k], rb[k])
+            assert ra[k] == pytest.approx(rb[k], rel=rel, abs=abs), (ra["step"], k, ra[k], rb[k])
 
 
 @pytest.fixture(autouse=True)

@@ -42,7 +42,11 @@ def test_shared_prompt_run_equals_padded_run(tiny_dir, tmp_path, monkeypatch, se
             assert shared_calls == []  # the padded run never groups prompts
     # 2 rounds x 2 micro-batches x (old, ref, train) passes, each of 8 rows holding 2 distinct prompts
     assert len(shared_calls) >= 8 and all(u < b for b, u in shared_calls), shared_calls
-    assert_same_history(history[True], history[False], keys)
+    # fp32: the two paths sum in different orders (the model-level test shows them equal in fp64), and
+    # two AdamW steps carry that rounding into the later steps: up to 1.9e-6 relative was seen in
+    # grad_norm at step 3 (seed 107442936), so 1e-5 here; step 1 (same weights) stays at 1e-6.
+    assert_same_history(history[True][:1], history[False][:1], keys)
+    assert_same_history(history[True], history[False], keys, rel=1e-5, abs=1e-6)
 
 
 def test_config_help():
