@@ -233,9 +233,10 @@ def _build(cls: type[T], data: Any, *, prefix: str, base: Any = None) -> T:
             raise _unknown_key(f"{prefix}{key}", cls, prefix.rstrip("."))
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
+        # A section the mapping sets is built from its keys (not a replace() of its default instance, whose
+        # __post_init__ may have filled in fields: TrainConfig's max_steps would then clash with a given
+        # num_train_epochs).
         current = getattr(base, name) if base is not None else None
-        if base is None and _section_type(hints[name]) is not None:
-            current = _field_default(fields[name])
         kwargs[name] = _convert(hints[name], value, key=f"{prefix}{name}", current=current)
     if base is None:
         missing = [

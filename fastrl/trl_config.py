@@ -38,6 +38,7 @@ MAPPED: dict[str, tuple[str, frozenset]] = {
     "seed": ("train.seed", _ALL),
     "bf16": ("train.bf16", _ALL),
     "gradient_checkpointing": ("model.gradient_checkpointing", _ALL),
+    "activation_checkpointing": ("model.gradient_checkpointing", _ALL),  # transformers 5's new name
     "overwrite_output_dir": ("train.overwrite_output_dir", _ALL),
     "activation_offloading": ("train.activation_offloading", _D | _S),
     # trl.ModelConfig
@@ -120,7 +121,6 @@ SAME: dict[str, object] = {
     "load_best_model_at_end": (False,),
     "fsdp": (None, "", []),
     "deepspeed": (None,),
-    "activation_checkpointing": (None, False),
     "do_train": _ANY, "do_eval": _ANY, "do_predict": _ANY,
     "run_name": _ANY, "logging_dir": _ANY, "log_level": _ANY, "log_level_replica": _ANY,
     "logging_nan_inf_filter": _ANY, "project": _ANY, "save_only_model": _ANY, "save_safetensors": _ANY,
@@ -171,7 +171,8 @@ SPECIAL = {
     "max_steps", "num_train_epochs", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
     "warmup_ratio", "logging_steps", "save_strategy", "save_steps", "eval_strategy", "eval_steps",
     "per_device_eval_batch_size", "dataset_test_split", "report_to", "disable_tqdm", "resume_from_checkpoint",
-    "gradient_checkpointing_kwargs", "beta", "loss_type", "scale_rewards", "discopop_tau", "use_vllm",
+    "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", "beta", "loss_type", "scale_rewards",
+    "discopop_tau", "use_vllm",
     "vllm_mode", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
     "vllm_importance_sampling_correction", "log_completions", "num_completions_to_print",
     "num_generations_eval", "shuffle_dataset",
@@ -343,7 +344,7 @@ def _special(trl: dict, trainer: str, out: dict, notes: list[str]) -> list[str]:
     resume = trl.get("resume_from_checkpoint")
     if resume:
         _set(out, "train.resume_from_checkpoint", "auto" if resume is True else str(resume))
-    gk = trl.get("gradient_checkpointing_kwargs")
+    gk = trl.get("gradient_checkpointing_kwargs") or trl.get("activation_checkpointing_kwargs")
     if gk and gk != {"use_reentrant": False}:
         refused.append(f"gradient_checkpointing_kwargs={gk!r} (fastrl checkpoints non-reentrantly)")
     # SFT's shuffle_dataset is a pre-shuffle (its sampler shuffles anyway), as fastrl's sampler does
