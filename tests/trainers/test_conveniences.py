@@ -270,13 +270,15 @@ def test_grpo_eval_rewards_and_sample_completions(tiny_dir, tmp_path, seed, caps
         optim=OptimConfig(lr=1e-3),
         grpo=GRPOConfig(num_generations=G, max_completion_length=5, reward_weights=[1.0, 2.0]),
         train=TrainConfig(
-            output_dir=str(tmp_path / "grpo"), max_steps=3, per_device_batch_size=8, eval_steps=2,
+            output_dir=str(tmp_path / "grpo"), num_train_epochs=0.75, per_device_batch_size=8, eval_steps=2,
             per_device_eval_batch_size=2, log_completions_steps=2, num_completions_to_print=G, **QUIET,
         ),
     )  # fmt: skip
     prompts = [{"prompt": f"{i}+{i}="} for i in range(8)]
     held = [{"prompt": f"EVAL {i}:"} for i in range(3)]
     out = run_grpo(cfg, dataset=prompts, eval_dataset=held, reward_funcs=[tokens, half])
+    # 8 prompts x 4 completions = 32 per epoch, 8 per step: 4 steps per epoch, 0.75 epochs = 3 steps
+    assert out["step"] == 3
     assert [r["step"] for r in out["eval_history"]] == [2, 3]
     ev = out["eval_history"][-1]
     assert ev["eval_num_completions"] == 3 * G
