@@ -266,8 +266,8 @@ def _special(trl: dict, trainer: str, out: dict, notes: list[str]) -> list[str]:
         _set(out, "train.max_steps", steps)
         if has("num_train_epochs"):
             notes.append("max_steps > 0 overrides num_train_epochs (as in TRL): num_train_epochs dropped")
-    elif has("num_train_epochs"):
-        _set(out, "train.num_train_epochs", trl["num_train_epochs"])
+    elif has("num_train_epochs") or has("max_steps"):  # max_steps -1: TRL's epochs, 3 unless stated
+        _set(out, "train.num_train_epochs", trl.get("num_train_epochs", 3.0))
 
     sched = trl.get("lr_scheduler_type")
     kwargs = trl.get("lr_scheduler_kwargs") or {}
@@ -311,15 +311,20 @@ def _special(trl: dict, trainer: str, out: dict, notes: list[str]) -> list[str]:
     if save == "no":
         _set(out, "train.save_steps", 0)
     elif save == "steps":
-        if has("save_steps") or has("save_strategy"):
-            _set(out, "train.save_steps", int(trl.get("save_steps", 500)))
+        n = trl.get("save_steps", 500)
+        if n is not None and 0 < n < 1:
+            refused.append(f"save_steps={n!r} (a ratio of the run; give a step count)")
+        elif has("save_steps") or has("save_strategy"):
+            _set(out, "train.save_steps", int(n))
     else:
         refused.append(f"save_strategy={save!r} (fastrl saves every train.save_steps)")
 
     ev = trl.get("eval_strategy", "no")
     if ev == "steps":
         n = trl.get("eval_steps") or trl.get("logging_steps") or 10  # transformers: unset -> logging_steps
-        _set(out, "train.eval_steps", int(n))
+        if n < 1:
+            refused.append(f"eval_steps={n!r} (a ratio of the run; give a step count)")
+        _set(out, "train.eval_steps", max(1, int(n)))
         if has("dataset_test_split"):
             _set(out, "data.eval_split", trl["dataset_test_split"])
         else:

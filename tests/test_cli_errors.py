@@ -152,7 +152,7 @@ CASES = [
     ("unknown-command", "sfx --config x.yaml", 2, "unknown command 'sfx'; did you mean 'sft'?"),
     # --- found once the config classes are imported, before any model loads ---
     ("unknown-key", f"{SFT} --optim.lrr 1e-5", 2, "unknown config key 'optim.lrr'"),
-    ("wrong-type", f"{SFT} --train.max_steps many", 2, "'train.max_steps' expects int, got 'many'"),
+    ("wrong-type", f"{SFT} --train.max_steps many", 2, "'train.max_steps' expects int | None, got 'many'"),
     ("dpo-loss-type-typo", f"{DPO} --dpo.loss_type sigmoidd", 2,
      "config section 'dpo': loss_type must be one of"),
     ("grpo-loss-type-typo", f"{GRPO} --loss.loss_type dapoo", 2,

@@ -122,6 +122,9 @@ def test_dpo_and_sft_configs():
     assert cfg.sft.packing and cfg.sft.completion_only_loss and cfg.data.max_length == 256
     with pytest.raises(ValueError, match="dataset_text_field='content'"):
         convert({"dataset_text_field": "content"}, "sft")
+    with pytest.raises(ValueError, match=r"save_steps=0.1 \(a ratio.*eval_steps=0.05 \(a ratio"):
+        convert({"save_steps": 0.1, "eval_strategy": "steps", "eval_steps": 0.05}, "sft")
+    assert convert({"max_steps": -1}, "sft")[0] == {"train": {"num_train_epochs": 3.0}}  # TRL's 3 epochs
     notes = convert({}, "sft")[1]
     assert any(n.startswith("learning_rate is not in the file: TRL's default is 2e-5") for n in notes)
 

@@ -34,6 +34,8 @@ MAY_CHANGE = (
     "model.trust_remote_code",
     "*.chunk_size",
     "grpo.log_entropy",
+    "data.eval_dataset",  # what is evaluated, not what is trained (data.eval_fraction is: it must match)
+    "data.eval_split",
     "engine.*",
 )
 _RUN_FILES = ("metrics.jsonl",)
