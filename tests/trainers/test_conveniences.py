@@ -189,7 +189,8 @@ def test_eval_needs_data_and_fraction_split(tiny_dir, tmp_path):
 # ------------------------------------------------------------------------------------------ DPO eval
 
 
-def test_dpo_eval_loss_matches_closed_form(tiny_dir, tmp_path, seed):
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dpo_eval_loss_matches_closed_form(tiny_dir, tmp_path, seed, precompute):
     import copy
 
     from fastrl.data import dpo_example
@@ -211,7 +212,7 @@ def test_dpo_eval_loss_matches_closed_form(tiny_dir, tmp_path, seed):
     cfg = DPORunConfig(
         model=ModelConfig(name_or_path=tiny_dir),
         optim=OptimConfig(lr=5e-3),
-        dpo=DPOConfig(beta=beta),
+        dpo=DPOConfig(beta=beta, precompute_ref_log_probs=precompute),  # eval pairs' reference too
         train=TrainConfig(
             output_dir=str(tmp_path / "dpo"), max_steps=3, per_device_batch_size=4,
             per_device_eval_batch_size=2, eval_steps=2, **QUIET,
