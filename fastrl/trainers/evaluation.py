@@ -194,8 +194,12 @@ class GRPOEvaluator(_Evaluator):
     autocast = False
 
     def __init__(self, step, rows: list[dict], cfg, device):
+        from fastrl.rewards import check_reward_signature
+
         super().__init__(step.policy, cfg, device)
         self.step, self.rows = step, rows
+        for fn in step.reward_funcs:  # the eval rows' columns, checked now rather than at the first eval
+            check_reward_signature(fn, list(rows[0]["columns"]))
 
     def evaluate(self) -> dict:
         from fastrl.distributed.fsdp import gathered

@@ -302,3 +302,22 @@ def test_grpo_eval_rewards_and_sample_completions(tiny_dir, tmp_path, seed, caps
     assert [r["advantage"] for r in records] == pytest.approx(adv.tolist(), abs=1e-5)
     printed = capsys.readouterr().out
     assert "completion" in printed and records[0]["prompt"] in printed
+
+
+def test_grpo_eval_columns_are_checked_before_training(tiny_dir, tmp_path):
+    from fastrl.trainers.grpo import GRPOConfig, GRPORunConfig, run_grpo
+
+    def needs_answer(completions, answer, **_):
+        return [float(a in c) for c, a in zip(completions, answer)]
+
+    cfg = GRPORunConfig(
+        model=ModelConfig(name_or_path=tiny_dir),
+        grpo=GRPOConfig(num_generations=2, max_completion_length=2),
+        train=TrainConfig(
+            output_dir=str(tmp_path / "g"), max_steps=1, per_device_batch_size=2, eval_steps=1, **QUIET
+        ),
+    )
+    rows = [{"prompt": "1+1=", "answer": "2"}] * 4
+    with pytest.raises(ValueError, match="needs_answer.*answer"):
+        run_grpo(cfg, dataset=rows, eval_dataset=[{"prompt": "2+2="}], reward_funcs=[needs_answer])
+    assert not (tmp_path / "g" / "metrics.jsonl").exists()
