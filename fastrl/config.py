@@ -29,18 +29,33 @@ _MISSING = dataclasses.MISSING
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
-def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """An instance of the dataclass ``cls`` from ``yaml_path`` (may be None) then ``overrides`` (later wins).
+def load_config(
+    cls: type[T],
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: dict | None = None,
+) -> T:
+    """An instance of the dataclass ``cls`` from ``base`` (a nested mapping, e.g. a converted TRL config),
+    then ``yaml_path`` (may be None), then ``overrides`` (later wins).
 
     ``overrides`` are command-line tokens: ``--a.b value``, ``--a.b=value``, or a bare ``--flag`` for a
     bool field (True). Values are parsed as YAML scalars/flow collections (``[1, 2]``, ``{k: v}``,
     ``null``), except for ``str`` fields, which take the text as is.
     """
     _require_dataclass(cls)
-    data = read_yaml(yaml_path) if yaml_path is not None else {}
+    data = merge(base or {}, read_yaml(yaml_path) if yaml_path is not None else {})
     for dotted, text in _split_overrides(overrides or []):
         _set_override(cls, data, dotted, text)
     return _build(cls, data, prefix="")
+
+
+def merge(base: dict, top: dict) -> dict:
+    """``base`` with ``top``'s keys set over it, nested mappings merged key by key (copies)."""
+    out = {k: merge(v, {}) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in top.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def read_yaml(yaml_path: str | Path) -> dict:
@@ -65,10 +80,12 @@ def read_yaml(yaml_path: str | Path) -> dict:
     return loaded
 
 
-def read_raw(yaml_path: str | Path | None, overrides: list[str] | None = None) -> dict:
-    """The YAML file's mapping with the overrides' raw text set at their dotted paths (no types, no key
-    checks): what the CLI reads paths from before importing the config classes (and torch)."""
-    data = read_yaml(yaml_path) if yaml_path is not None else {}
+def read_raw(
+    yaml_path: str | Path | None, overrides: list[str] | None = None, *, base: dict | None = None
+) -> dict:
+    """The YAML file's mapping (over ``base``) with the overrides' raw text set at their dotted paths (no
+    types, no key checks): what the CLI reads paths from before importing the config classes (and torch)."""
+    data = merge(base or {}, read_yaml(yaml_path) if yaml_path is not None else {})
     for dotted, text in _split_overrides(overrides or []):
         node = data
         *parents, leaf = dotted.split(".")
@@ -216,9 +233,10 @@ def _build(cls: type[T], data: Any, *, prefix: str, base: Any = None) -> T:
             raise _unknown_key(f"{prefix}{key}", cls, prefix.rstrip("."))
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
+        # A section the mapping sets is built from its keys (not a replace() of its default instance, whose
+        # __post_init__ may have filled in fields: TrainConfig's max_steps would then clash with a given
+        # num_train_epochs).
         current = getattr(base, name) if base is not None else None
-        if base is None and _section_type(hints[name]) is not None:
-            current = _field_default(fields[name])
         kwargs[name] = _convert(hints[name], value, key=f"{prefix}{name}", current=current)
     if base is None:
         missing = [

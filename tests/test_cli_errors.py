@@ -152,7 +152,7 @@ CASES = [
     ("unknown-command", "sfx --config x.yaml", 2, "unknown command 'sfx'; did you mean 'sft'?"),
     # --- found once the config classes are imported, before any model loads ---
     ("unknown-key", f"{SFT} --optim.lrr 1e-5", 2, "unknown config key 'optim.lrr'"),
-    ("wrong-type", f"{SFT} --train.max_steps many", 2, "'train.max_steps' expects int, got 'many'"),
+    ("wrong-type", f"{SFT} --train.max_steps many", 2, "'train.max_steps' expects int | None, got 'many'"),
     ("dpo-loss-type-typo", f"{DPO} --dpo.loss_type sigmoidd", 2,
      "config section 'dpo': loss_type must be one of"),
     ("grpo-loss-type-typo", f"{GRPO} --loss.loss_type dapoo", 2,
@@ -181,6 +181,17 @@ CASES = [
      "tensorboard is installed" if HAS_TB else None),
     ("engine-vllm", f"{GRPO} --engine.kind vllm", 2, "engine.kind 'vllm': vLLM is not installed",
      "vllm is installed" if HAS_VLLM else None),
+    # --- starting from a TRL config (tests/test_trl_config.py has the mapping) ---
+    ("trl-config-and-config", "grpo --config {W}/conf/grpo.yaml --trl-config {W}/conf/grpo.yaml", 2,
+     "give --config or --trl-config, not both"),
+    ("trl-config-missing", "grpo --trl-config conf/nope.yaml", 2,
+     "config file 'conf/nope.yaml' does not exist"),
+    ("trl-config-given-a-fastrl-file", "grpo --trl-config {W}/conf/grpo.yaml", 2,
+     "this TRL grpo config has fields fastrl does not support: data, grpo, train"),
+    ("convert-config-no-trainer", "convert-config {W}/conf/grpo.yaml", 2,
+     "--trainer must be one of sft, dpo, grpo, got None"),
+    ("convert-config-unsupported", "convert-config {W}/conf/grpo.yaml --trainer dpo", 2,
+     "this TRL dpo config has fields fastrl does not support: data, grpo, train"),
 ]  # fmt: skip
 
 # Rows that load the (real, tiny) model and stop inside the run: exit status 1.

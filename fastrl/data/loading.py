@@ -44,6 +44,21 @@ class DataConfig:
     padding_side: str = field(
         default="right", metadata={"help": "Pad SFT/DPO batches on the 'right' or the 'left'."}
     )
+    eval_dataset: str = field(
+        default="",
+        metadata={"help": "Held-out data for train.eval_steps, named like dataset ('': none)."},
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split of eval_dataset ('train' when unset), or with no eval_dataset a split of "
+            "dataset to evaluate on (TRL: dataset_test_split)."
+        },
+    )
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this fraction of the training rows (seeded by train.seed) as eval data."},
+    )
 
     def __post_init__(self):
         if self.max_samples is not None and self.max_samples < 1:
@@ -52,6 +67,10 @@ class DataConfig:
             raise ValueError(f"data.padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and (self.eval_dataset or self.eval_split is not None):
+            raise ValueError("data.eval_fraction cannot be combined with data.eval_dataset / data.eval_split")
         if self.max_prompt_length < 1 or self.max_length < 2:
             raise ValueError(
                 f"data.max_prompt_length must be >= 1 and data.max_length >= 2, got "
@@ -92,6 +111,46 @@ def load_data(cfg: DataConfig):
     if cfg.max_samples is not None:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     return ds
+
+
+def has_eval_data(cfg: DataConfig) -> bool:
+    return bool(cfg.eval_dataset) or cfg.eval_split is not None or cfg.eval_fraction > 0
+
+
+def load_eval_data(cfg: DataConfig, train_ds, *, seed: int):
+    """(train dataset, eval dataset or None) for ``cfg``'s eval fields: ``eval_dataset`` (split
+    ``eval_split`` or 'train'), ``eval_split`` of ``dataset``, or ``eval_fraction`` of the training rows
+    split off by ``datasets.Dataset.train_test_split(seed=seed)`` (the training set loses them).
+    ``max_samples`` does not apply to the eval data."""
+    import dataclasses
+
+    if cfg.eval_fraction > 0:
+        n_eval = max(1, round(cfg.eval_fraction * len(train_ds)))
+        if n_eval >= len(train_ds):
+            raise ValueError(
+                f"data.eval_fraction {cfg.eval_fraction} of {len(train_ds)} rows leaves no training rows"
+            )
+        parts = train_ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+        return parts["train"], parts["test"]
+    if not has_eval_data(cfg):
+        return train_ds, None
+    name = cfg.eval_dataset or cfg.dataset
+    split = cfg.eval_split or "train"
+    if not cfg.eval_dataset and split == cfg.split:
+        raise ValueError(f"data.eval_split {split!r} is the training split; evaluate on held-out data")
+    if not cfg.eval_dataset and check_dataset_source(cfg.dataset) == "file":
+        raise ValueError(
+            f"data.eval_split {split!r}: the local file {cfg.dataset!r} has a single split; give the eval "
+            "rows as data.eval_dataset (another file) or hold some out with data.eval_fraction"
+        )
+    sub = dataclasses.replace(cfg, dataset=name, split=split, max_samples=None)
+    try:
+        return train_ds, load_data(sub)
+    except ValueError as err:  # load_data names data.dataset / data.split: say which field it was
+        text = str(err)
+        if cfg.eval_dataset:
+            text = text.replace("data.dataset", "data.eval_dataset")
+        raise ValueError(text.replace("data.split", "data.eval_split")) from None
 
 
 @contextlib.contextmanager

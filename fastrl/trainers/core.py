@@ -30,9 +30,17 @@ per-pair ``rewards/*`` and ``logps/*``; GRPO's ``advantage_abs_mean`` and ``trun
 holding as many completions). ``grad_norm`` is the global norm. A logging window of several steps logs
 the mean of its steps' values.
 
-Schedule: ``lr(s) = lr * s / warmup_steps`` for ``s < warmup_steps``; afterwards ``lr`` (constant) or
-``lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)`` with ``p = (s - warmup) / (max_steps - warmup)`` and
-``m = min_lr_ratio`` (cosine).
+Schedule: ``lr(s) = lr * (s + 1) / (warmup_steps + 1)`` for ``s < warmup_steps``; afterwards ``lr``
+(constant), ``lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)`` (cosine) or
+``lr * (m + (1 - m) * max(0, (max_steps - s) / max(1, max_steps - warmup)))`` (linear: at ``m = 0``
+transformers' ``get_linear_schedule_with_warmup``, TRL's default, after its warmup), with
+``p = (s - warmup) / (max_steps - warmup)`` and ``m = min_lr_ratio``.
+
+Length: ``train.max_steps``, or ``train.num_train_epochs`` passes over the data, which the trainer turns
+into ``max_steps = ceil(epochs * ceil(ceil(N / (per_device_batch_size * world)) /
+gradient_accumulation_steps))`` (TRL's count; ``fastrl.trainers.epochs``). Hooks (``evaluation.py``,
+``samples.py``) run after each optimizer step: held-out evaluation every ``train.eval_steps`` (records
+with ``eval_`` keys in ``metrics.jsonl``) and GRPO's sample completions.
 
 Data parallelism (``torchrun``: ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``): the trainers shard the policy
 with FSDP2 (``train.fsdp``, on by default when ``WORLD_SIZE > 1``; gloo on the CPU, NCCL on GPUs), each
@@ -60,7 +68,7 @@ import torch
 from fastrl.data import DataConfig
 from fastrl.models import LoraConfig, ModelConfig
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "linear")
 
 
 @dataclass(kw_only=True)
@@ -72,9 +80,14 @@ class OptimConfig:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    schedule: str = field(default="cosine", metadata={"help": "After warmup: 'cosine' decay or 'constant'."})
+    schedule: str = field(
+        default="cosine",
+        metadata={"help": "After warmup: 'cosine' or 'linear' decay to min_lr_ratio * lr, or 'constant'."},
+    )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup from 0 over this many steps."})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine floor as a fraction of lr."})
+    min_lr_ratio: float = field(
+        default=0.0, metadata={"help": "Floor of the cosine / linear decay as a fraction of lr."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global grad norm (0: no clip)."})
 
     def __post_init__(self):
@@ -82,6 +95,8 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.lr < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ValueError("optim.lr, optim.warmup_steps and optim.max_grad_norm must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -89,7 +104,28 @@ class TrainConfig:
     """Length of the run, batch shape, logging and checkpointing."""
 
     output_dir: str = field(default="runs/run", metadata={"help": "Checkpoints, metrics and the export."})
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps to run."})
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps to run (None: 100, or derived from num_train_epochs)."},
+    )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Passes over the training data instead of max_steps (the step count follows)."},
+    )
+    eval_steps: int = field(
+        default=0,
+        metadata={"help": "Evaluate on the eval dataset every N steps and at the end (0: never)."},
+    )
+    per_device_eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Eval examples (GRPO: prompts) per forward (None: the train one)."}
+    )
+    log_completions_steps: int = field(
+        default=0,
+        metadata={"help": "GRPO: write sample completions and rewards every N steps (0: never)."},
+    )
+    num_completions_to_print: int = field(
+        default=4, metadata={"help": "GRPO: completions per sample record and console table."}
+    )
     per_device_batch_size: int = field(default=8, metadata={"help": "Sequences per micro-step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     seed: int = field(default=0, metadata={"help": "Seed for init, data order and sampling."})
@@ -185,7 +221,17 @@ class TrainConfig:
             parse_ac_mode(self.activation_checkpointing)
         except ValueError as e:
             raise ValueError(f"train.activation_checkpointing: {e}") from None
-        for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if self.num_train_epochs is not None:
+            if self.max_steps is not None:
+                raise ValueError(
+                    f"train.max_steps ({self.max_steps}) and train.num_train_epochs "
+                    f"({self.num_train_epochs}) are both set; give one of them"
+                )
+            if not self.num_train_epochs > 0:
+                raise ValueError(f"train.num_train_epochs must be > 0, got {self.num_train_epochs}")
+        elif self.max_steps is None:
+            self.max_steps = 100
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
@@ -197,8 +243,16 @@ class TrainConfig:
         if self.checkpoint_format not in ("auto", "full", "sharded"):
             got = self.checkpoint_format
             raise ValueError(f"train.checkpoint_format must be 'auto', 'full' or 'sharded', got {got!r}")
-        if self.save_steps < 0:
-            raise ValueError(f"train.save_steps must be >= 0, got {self.save_steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        for name in ("save_steps", "eval_steps", "log_completions_steps", "num_completions_to_print"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.per_device_eval_batch_size is not None and self.per_device_eval_batch_size < 1:
+            raise ValueError(
+                f"train.per_device_eval_batch_size must be >= 1 or None, got "
+                f"{self.per_device_eval_batch_size}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -252,6 +306,9 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
         return (step + 1) / (optim.warmup_steps + 1)
     if optim.schedule == "constant":
         return 1.0
+    if optim.schedule == "linear":
+        left = max(0.0, (max_steps - step) / max(1, max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * left
     p = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
@@ -304,8 +361,14 @@ def train(
     adapter_only: bool = False,
     desc: str = "train",
     run: dict | None = None,
+    hooks: list | None = None,
 ) -> dict:
-    """Run the loop (see the module docstring). Returns the last record plus ``history`` (all records).
+    """Run the loop (see the module docstring). Returns the last record plus ``history`` (all records)
+    and ``eval_history`` (the hooks' records).
+
+    ``hooks``: callables ``hook(step, max_steps) -> dict | None`` run after every optimizer step (``step``
+    counts the steps done), on every rank (they may be collective); a dict is written to the metrics as
+    ``{"step": step, **dict}``. A hook's optional ``begin(start_step)`` runs once before the loop.
 
     ``run``: this run's identity (``run_state.run_identity``), recorded in every checkpoint and checked
     against the checkpoint a resume starts from (``None``: neither). Raises ``TrainingInterrupted`` (a
@@ -329,6 +392,7 @@ def train(
     from fastrl.trainers.metrics import reduce_step
     from fastrl.trainers.run_state import check_resume, prepare_output_dir
 
+    assert train_cfg.max_steps is not None, "resolve train.num_train_epochs first (trainers.epochs)"
     is_main = dist_info().rank == 0
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +427,10 @@ def train(
             print(f"resumed from {ckpt} at step {start}")
 
     log = MetricsLog(out, start_step=start, tensorboard=train_cfg.tensorboard, enabled=is_main)
+    hooks, evals = list(hooks or ()), []
+    for hook in hooks:
+        if hasattr(hook, "begin"):
+            hook.begin(start)
     device = next(model.parameters()).device
     ga = train_cfg.gradient_accumulation_steps
     history, window = [], defaultdict(list)
@@ -427,6 +495,11 @@ def train(
             for s in range(start, train_cfg.max_steps):
                 optimizer_step(s)
                 done = s + 1
+                for hook in hooks:  # evaluation, sample completions (collective: every rank runs them)
+                    extra = hook(done, train_cfg.max_steps)
+                    if extra:
+                        evals.append({"step": done, **extra})
+                        log.write(evals[-1])
                 saved = None
                 if train_cfg.save_steps and done % train_cfg.save_steps == 0 and done < train_cfg.max_steps:
                     saved = save(done)
@@ -447,10 +520,12 @@ def train(
         bar.close()
     if train_cfg.export_final:  # collective under FSDP: every rank calls, rank 0 writes
         export_hf(model, tokenizer, out / "final")
-    return {**(history[-1] if history else {}), "history": history}
+    return {**(history[-1] if history else {}), "history": history, "eval_history": evals}
 
 
-def train_run(step: TrainStep, cfg: RunConfig, *, model: torch.nn.Module, tokenizer, desc: str) -> dict:
+def train_run(
+    step: TrainStep, cfg: RunConfig, *, model: torch.nn.Module, tokenizer, desc: str, hooks=None
+) -> dict:
     """``train`` with the sections of a run config (LoRA runs save and export only the adapter)."""
     from fastrl.distributed.env import dist_info
     from fastrl.trainers.run_state import run_identity
@@ -464,4 +539,5 @@ def train_run(step: TrainStep, cfg: RunConfig, *, model: torch.nn.Module, tokeni
         adapter_only=cfg.lora.enabled,
         desc=desc,
         run=run_identity(desc, cfg, model, dist_info().world_size),
+        hooks=hooks,
     )

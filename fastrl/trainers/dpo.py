@@ -195,16 +195,26 @@ def tokenize_dpo(dataset, tokenizer, data: DataConfig) -> list[dict]:
     ]
 
 
-def run_dpo(cfg: DPORunConfig, *, model=None, tokenizer=None, dataset=None) -> dict:
-    """Train with DPO; returns the final metrics record (plus ``history``). ``model``, ``tokenizer`` and
-    ``dataset`` may be given in memory instead of by name."""
+def run_dpo(cfg: DPORunConfig, *, model=None, tokenizer=None, dataset=None, eval_dataset=None) -> dict:
+    """Train with DPO; returns the final metrics record (plus ``history`` and ``eval_history``).
+    ``model``, ``tokenizer``, ``dataset`` and ``eval_dataset`` may be given in memory instead of by name."""
+    from fastrl.trainers.epochs import resolve_max_steps
+    from fastrl.trainers.evaluation import DPOEvaluator, check_eval_request, eval_data
+
+    check_eval_request(cfg, eval_dataset)
     seed_everything(cfg.train.seed)
     device, fsdp = setup_distributed(cfg.train)
     model, tokenizer, ref, policy, dataset = setup_run(
         cfg, device, fsdp, need_reference=True, model=model, tokenizer=tokenizer, dataset=dataset
     )
+    dataset, held_out = eval_data(cfg, dataset, eval_dataset)
     examples = tokenize_dpo(dataset, tokenizer, cfg.data)
     step = DPOStep(policy, ref, tokenizer, examples, cfg, device)
+    cfg = resolve_max_steps(cfg, len(examples))
+    hooks = []
+    if held_out is not None:  # built before the reference is freed: it precomputes the eval pairs' too
+        held = DPOStep(policy, ref, tokenizer, tokenize_dpo(held_out, tokenizer, cfg.data), cfg, device)
+        hooks.append(DPOEvaluator(held, cfg, device))
     if cfg.dpo.precompute_ref_log_probs:
         ref.frozen = None  # the frozen copy is no longer needed: free its memory
-    return train_run(step, cfg, model=model, tokenizer=tokenizer, desc="dpo")
+    return train_run(step, cfg, model=model, tokenizer=tokenizer, desc="dpo", hooks=hooks)

@@ -355,11 +355,23 @@ def prepare_prompts(dataset, tokenizer, data: DataConfig) -> list[dict]:
 
 
 def run_grpo(
-    cfg: GRPORunConfig, *, model=None, tokenizer=None, dataset=None, reward_funcs=None, engine=None
+    cfg: GRPORunConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    dataset=None,
+    reward_funcs=None,
+    engine=None,
+    eval_dataset=None,
 ) -> dict:
-    """Train with GRPO; returns the final metrics record (plus ``history``). ``model``, ``tokenizer``,
-    ``dataset``, ``reward_funcs`` (callables, replacing ``grpo.reward_funcs``) and ``engine`` may be given
-    in memory."""
+    """Train with GRPO; returns the final metrics record (plus ``history`` and ``eval_history``).
+    ``model``, ``tokenizer``, ``dataset``, ``eval_dataset`` (prompts), ``reward_funcs`` (callables,
+    replacing ``grpo.reward_funcs``) and ``engine`` may be given in memory."""
+    from fastrl.trainers.epochs import resolve_max_steps
+    from fastrl.trainers.evaluation import GRPOEvaluator, check_eval_request, eval_data
+    from fastrl.trainers.samples import SampleLog
+
+    check_eval_request(cfg, eval_dataset)
     seed_everything(cfg.train.seed)
     device, fsdp = setup_distributed(cfg.train)
     funcs = (
@@ -380,13 +392,18 @@ def run_grpo(
         tokenizer=tokenizer,
         dataset=dataset,
     )
+    dataset, held_out = eval_data(cfg, dataset, eval_dataset)
     rows = prepare_prompts(dataset, tokenizer, cfg.data)
+    cfg = resolve_max_steps(cfg, len(rows) * cfg.grpo.num_generations * cfg.grpo.num_iterations)
     built = engine is None
     if built:
         engine = build_engine(cfg.engine, model, tokenizer)
     try:
         step = GRPOStep(policy, ref, tokenizer, rows, funcs, engine, cfg, device)
-        out = train_run(step, cfg, model=model, tokenizer=tokenizer, desc="grpo")
+        hooks = [SampleLog(step, cfg)]
+        if held_out is not None:
+            hooks.append(GRPOEvaluator(step, prepare_prompts(held_out, tokenizer, cfg.data), cfg, device))
+        out = train_run(step, cfg, model=model, tokenizer=tokenizer, desc="grpo", hooks=hooks)
     finally:
         if built:
             engine.close()  # a vLLM engine holds a process, a KV cache and a checkpoint folder

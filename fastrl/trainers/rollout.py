@@ -203,4 +203,14 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
         }
     )
     metrics.update(reward_metrics(rewards_NF, trainer.reward_funcs))  # per function, None/NaN counted
+    # This rank's round as text, for samples.SampleLog (train.log_completions_steps).
+    lo = info.rank * len(prompt_ids) if is_distributed() else 0
+    own = slice(lo, lo + len(prompt_ids))
+    trainer.last_samples = {
+        "prompt_ids": prompt_ids,
+        "completions": texts,
+        "rewards": rewards_NF[own],
+        "reward": rewards_N[own],
+        "advantages": adv_N,
+    }
     return micro, metrics

@@ -34,6 +34,8 @@ MAY_CHANGE = (
     "model.trust_remote_code",
     "*.chunk_size",
     "grpo.log_entropy",
+    "data.eval_dataset",  # what is evaluated, not what is trained (data.eval_fraction is: it must match)
+    "data.eval_split",
     "engine.*",
 )
 _RUN_FILES = ("metrics.jsonl",)
@@ -146,7 +148,7 @@ def preflight(train_cfg) -> None:
             prepare_output_dir(out, train_cfg, existing=existing, is_main=False)  # raises
         return
     ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume)
-    if ckpt is not None:
+    if ckpt is not None and train_cfg.max_steps is not None:  # None: from num_train_epochs, checked later
         check_resume(None, None, ckpt, step=int(read_state(ckpt)["step"]), max_steps=train_cfg.max_steps)
 
 

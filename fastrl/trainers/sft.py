@@ -158,16 +158,26 @@ class SFTStep:
         self.sampler.load_state_dict(state["sampler"])
 
 
-def run_sft(cfg: SFTRunConfig, *, model=None, tokenizer=None, dataset=None) -> dict:
-    """Train with SFT; returns the final metrics record (plus ``history``). ``model``, ``tokenizer`` and
-    ``dataset`` (a ``datasets.Dataset`` or a list of dicts) may be given in memory instead of by name."""
+def run_sft(cfg: SFTRunConfig, *, model=None, tokenizer=None, dataset=None, eval_dataset=None) -> dict:
+    """Train with SFT; returns the final metrics record (plus ``history`` and ``eval_history``).
+    ``model``, ``tokenizer``, ``dataset`` and ``eval_dataset`` (a ``datasets.Dataset`` or a list of dicts)
+    may be given in memory instead of by name."""
     from fastrl.trainers.common import seed_everything
+    from fastrl.trainers.epochs import resolve_max_steps
+    from fastrl.trainers.evaluation import SFTEvaluator, check_eval_request, eval_data
 
+    check_eval_request(cfg, eval_dataset)
     seed_everything(cfg.train.seed)
     device, fsdp = setup_distributed(cfg.train)
     model, tokenizer, ref, policy, dataset = setup_run(
         cfg, device, fsdp, need_reference=False, model=model, tokenizer=tokenizer, dataset=dataset
     )
+    dataset, held_out = eval_data(cfg, dataset, eval_dataset)
     examples = tokenize_sft(dataset, tokenizer, cfg.data, cfg.sft)
     step = SFTStep(policy, tokenizer, examples, cfg, device)
-    return train_run(step, cfg, model=model, tokenizer=tokenizer, desc="sft")
+    cfg = resolve_max_steps(cfg, len(step.packs) if step.packs is not None else len(examples))
+    hooks = []
+    if held_out is not None:
+        held = tokenize_sft(held_out, tokenizer, cfg.data, cfg.sft)
+        hooks.append(SFTEvaluator(policy, held, tokenizer.pad_token_id, cfg, device))
+    return train_run(step, cfg, model=model, tokenizer=tokenizer, desc="sft", hooks=hooks)

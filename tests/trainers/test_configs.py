@@ -11,7 +11,10 @@ from fastrl.trainers.dpo import DPORunConfig
 from fastrl.trainers.grpo import GRPORunConfig
 from fastrl.trainers.sft import SFTRunConfig
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+# trl_*.yaml are TRL config files (tests/test_trl_config.py), not fastrl ones
+CONFIGS = sorted(
+    p for p in (Path(__file__).parents[2] / "configs").glob("*.yaml") if not p.name.startswith("trl_")
+)
 KINDS = {"sft": SFTRunConfig, "dpo": DPORunConfig, "grpo": GRPORunConfig}
 
 

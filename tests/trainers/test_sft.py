@@ -53,7 +53,7 @@ def test_schedule():
     assert lr_factor(10, opt, 10) == pytest.approx(0.1)
     assert lr_factor(5, OptimConfig(schedule="constant"), 10) == 1.0
     with pytest.raises(ValueError, match="optim.schedule"):
-        OptimConfig(schedule="linear")
+        OptimConfig(schedule="polynomial")  # (linear is one since issue 10)
     with pytest.raises(ValueError, match="train.max_steps"):
         TrainConfig(max_steps=0)
 
