@@ -14,8 +14,11 @@ Rewards (GRPO, Shao et al. 2024, with DAPO's token-level loss, no KL term):
 
 Why this trains quickly: the base model is right on some of these problems and not others, and sampling at
 temperature 0.7 gives groups with both (reward variance is what GRPO learns from); LoRA adapters at a high
-learning rate move the policy in tens of steps; completions are capped at 48 tokens, and shorter formatted
-answers make later steps cheaper. Held-out accuracy (greedy, ``n_eval`` problems never trained on) before
+learning rate move the policy in tens of steps; completions are capped at 32 tokens, and shorter formatted
+answers make later steps cheaper. The prompt carries one worked example (``EXAMPLE``) before the question.
+Rollouts and the held-out evaluation run on the hf engine's bf16 weight copy (``plan.engine_dtype``;
+``EngineConfig.dtype``, 1.7x faster decoding than fp32 on a CPU with native bf16); the trainer's weights
+stay fp32. Held-out accuracy (greedy, ``n_eval`` problems never trained on) before
 and after training, the rollout curves and the timings go to ``summary.json`` and ``reward_curve.png``.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
 import re
 import time
@@ -32,6 +36,10 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "Solve the math problem. End with a line 'Answer: N' where N is the number."
+# One worked exchange before the question (a one-shot prompt): without it the 135M model never ends on an
+# `Answer: N` line (format rate 0.00 held out, measured), so GRPO had no formatted sample to reinforce;
+# with it, about 0.85 of its greedy answers do (measured on 48 problems) and the rest is left to RL.
+EXAMPLE = ("Ann has 4 cups. Ann gets 3 more. How many cups does Ann have now?", "4 + 3 = 7\nAnswer: 7")
 FORMAT_WEIGHT = 0.5
 NAMES = ("Tom", "Anna", "Sam", "Mia", "Ben", "Lily", "Omar", "Zoe", "Leo", "Emma")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "eggs", "stickers", "marbles", "shells", "stamps")
@@ -47,14 +55,15 @@ class SmolPlan:
     steps: int = 30
     prompts_per_step: int = 4
     num_generations: int = 8
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     temperature: float = 0.7
     lr: float = 2e-4
     lora_r: int = 16
     threads: int = 2
+    engine_dtype: str = "bfloat16"  # rollouts and held-out evaluation: the hf engine's bf16 weight copy
 
 
-QUICK = SmolPlan(n_train=64, n_eval=16, steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=24)
+QUICK = SmolPlan(n_train=64, n_eval=16, steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=16)
 
 
 def smollm2_folder() -> str:
@@ -92,7 +101,13 @@ def make_split(n: int, rng: random.Random, max_number: int, exclude: set[str]) -
 
 
 def chat(question: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    """The prompt: system, the worked example (user, assistant), then ``question`` as the last message."""
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": EXAMPLE[0]},
+        {"role": "assistant", "content": EXAMPLE[1]},
+        {"role": "user", "content": question},
+    ]
 
 
 _ANSWER = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*(-?\d+)", re.IGNORECASE)
@@ -156,13 +171,13 @@ def write_data(folder: str, *, seed: int = 0, plan: SmolPlan | None = None) -> t
     return paths[0], paths[1]
 
 
-def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int) -> dict:
-    """Greedy completions of ``rows``: accuracy (``correct_reward``), strict accuracy (right *and* in the
-    asked format), format rate, mean completion tokens."""
+def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int, dtype: str = "auto") -> dict:
+    """Greedy completions of ``rows`` (hf engine, weights in ``dtype``): accuracy (``correct_reward``),
+    strict accuracy (right *and* in the asked format), format rate, mean completion tokens."""
     from fastrl.data import encode_prompt
     from fastrl.engine import EngineConfig, SamplingParams, build_engine
 
-    engine = build_engine(EngineConfig(max_batch_size=128), model, tokenizer)
+    engine = build_engine(EngineConfig(max_batch_size=128, dtype=dtype), model, tokenizer)
     ids = [encode_prompt(tokenizer, chat(r["question"]), 512) for r in rows]
     out = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     eos = tokenizer.eos_token_id
@@ -227,6 +242,7 @@ def _run(plan: SmolPlan, out: Path, *, quick: bool, seed: int, progress: bool) -
 
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    load_before = os.getloadavg()  # the machine may be shared: the timings are read against the load
     model_cfg = ModelConfig(name_or_path=smollm2_folder(), gguf_file=GGUF_NAME, torch_dtype="float32")
     model, tok = load_model_and_tokenizer(model_cfg)
     t_load = time.perf_counter() - t_all
@@ -235,7 +251,7 @@ def _run(plan: SmolPlan, out: Path, *, quick: bool, seed: int, progress: bool) -
     train_rows = make_split(plan.n_train, rng, plan.max_number, {r["question"] for r in eval_rows})
 
     t0 = time.perf_counter()
-    before = evaluate(model, tok, eval_rows, plan.max_new_tokens)
+    before = evaluate(model, tok, eval_rows, plan.max_new_tokens, plan.engine_dtype)
     t_eval = time.perf_counter() - t0
 
     batch = plan.prompts_per_step * plan.num_generations
@@ -260,14 +276,16 @@ def _run(plan: SmolPlan, out: Path, *, quick: bool, seed: int, progress: bool) -
             temperature=plan.temperature,
         ),
         loss=GRPOLossConfig(loss_type="dapo", beta=0.0),
-        engine=EngineConfig(max_batch_size=batch),
+        engine=EngineConfig(max_batch_size=batch, dtype=plan.engine_dtype),
     )
     data = [{"prompt": chat(r["question"]), "answer": r["answer"]} for r in train_rows]
     rewards = [correct_reward, make_format_reward(tok.eos_token_id)]
     t0 = time.perf_counter()
     result = run_grpo(cfg, model=model, tokenizer=tok, dataset=data, reward_funcs=rewards)
     t_train = time.perf_counter() - t0
-    after = evaluate(model, tok, eval_rows, plan.max_new_tokens)
+    t0 = time.perf_counter()
+    after = evaluate(model, tok, eval_rows, plan.max_new_tokens, plan.engine_dtype)
+    t_eval_after = time.perf_counter() - t0
 
     hist = result["history"]
     summary = {
@@ -281,8 +299,10 @@ def _run(plan: SmolPlan, out: Path, *, quick: bool, seed: int, progress: bool) -
             "load": t_load,
             "eval_before": t_eval,
             "train": t_train,
+            "eval_after": t_eval_after,
             "total": time.perf_counter() - t_all,
         },
+        "load_average": {"start": load_before, "end": os.getloadavg()},
         "curves": {
             "reward": [h.get("reward") for h in hist],
             "rollout_accuracy": [h.get("reward/correct_reward") for h in hist],

@@ -32,7 +32,8 @@ def test_quick_suite_rows():
         by_name = {r.method: r for r in rows}
         assert by_name["transformers generate"].kind == "baseline"
         assert by_name["hf engine (static cache, compiled)"].status.startswith("skipped: torch.compile off")
-        for name in ("transformers generate", "hf engine (dynamic cache)", "hf engine (static cache)"):
+        for name in ("transformers generate", "hf engine (dynamic cache)", "hf engine (static cache)",
+                     "hf engine (bf16 weight copy)"):  # fmt: skip
             row = by_name[name]
             assert row.status == "ok", (name, row.status)
             assert row.ms > 0 and row.extra_mib is not None

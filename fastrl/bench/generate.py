@@ -11,7 +11,9 @@ character tokenizer's vocabulary (V=102), fp32, 16 prompts x 8, 128 prompt + 128
 Methods: ``transformers generate`` (the baseline; dynamic cache, ``do_sample=True, top_k=0``); the hf
 engine with its dynamic cache, with the static cache, and with the static cache compiled
 (``torch.compile``, CUDA graphs on a GPU; only with ``--compile`` on the CPU, where inductor takes ~40 s
-per batch bucket). The engine decodes all rows in one batch, as ``generate`` does.
+per batch bucket). The engine decodes all rows in one batch, as ``generate`` does. On an fp32 model, also
+the engine generating from its bf16 weight copy (``EngineConfig(dtype="bfloat16")``; its log-probs are
+the bf16 model's, the baseline stays fp32).
 
 Early stops, made the same on both sides (a random-init model rarely ends by itself on a big vocabulary):
 
@@ -234,6 +236,8 @@ def _engine_method(s: Shape, ctx: BenchContext, case: str, *, early: bool, name:
         if cfg.get("compile") and not ctx.compile:
             raise Skip("torch.compile off (pass --compile; on by default with --gpu)")
         model, tok = inputs["model"], inputs["tokenizer"]
+        if cfg.get("dtype") not in (None, "auto") and model.dtype == getattr(torch, cfg["dtype"]):
+            raise Skip(f"the model is {cfg['dtype']} already (no weight copy to make)")
         V = model.config.vocab_size
         stops = stop_ids(V, tok.eos_token_id, early=early)
         # No early stop: an EOS id no token can have, and none from the generation config.
@@ -294,6 +298,7 @@ def build(ctx: BenchContext, ceil: Ceilings) -> list[Case]:
             _generate_method(s, ctx, name, early=early),
             _engine_method(s, ctx, name, early=early, name="hf engine (dynamic cache)"),
             _engine_method(s, ctx, name, early=early, name="hf engine (static cache)", use_static_cache=True),
+            _engine_method(s, ctx, name, early=early, name="hf engine (bf16 weight copy)", dtype="bfloat16"),
             _engine_method(
                 s,
                 ctx,

@@ -204,7 +204,9 @@ def _fastrl_runner(spec: dict, reward, out_dir: str):
         ),
         grpo=GRPOConfig(num_generations=s["generations"], max_completion_length=s["completion_len"]),
         loss=GRPOLossConfig(loss_type="dapo", beta=0.0),
-        engine=EngineConfig(use_static_cache=spec["compile"], compile=spec["compile"]),
+        engine=EngineConfig(
+            use_static_cache=spec["compile"], compile=spec["compile"], dtype=spec.get("engine_dtype", "auto")
+        ),
     )
     data = [{"prompt": p} for p in spec["prompts"]]
     return lambda: run_grpo(cfg, dataset=data, reward_funcs=[reward])
@@ -542,13 +544,17 @@ def _real_model_case(ctx: BenchContext) -> Case:
 
     s = REAL_MODEL["sizes"]
     # A real model's matrices use every core: both trainers get all of this process's threads.
-    base = _base_spec(ctx, s, torch.get_num_threads())
+    base = {
+        **_base_spec(ctx, s, torch.get_num_threads()),
+        "engine_dtype": REAL_MODEL.get("engine_dtype", "auto"),
+    }
+    engine = "hf engine" + (f", {base['engine_dtype']} weights" if base["engine_dtype"] != "auto" else "")
     name = (
         f"{os.path.basename(os.path.normpath(REAL_MODEL['model_dir']))}: {s['prompts']}x{s['generations']} "
         f"chat prompts, <= {s['completion_len']} new tokens"
     )
     methods = [
-        _method("fastrl (hf engine)", "fastrl", {**base, "method": "fastrl"}, ctx, name),
+        _method(f"fastrl ({engine})", "fastrl", {**base, "method": "fastrl"}, ctx, name),
         _method("TRL GRPOTrainer", "baseline", {**base, "method": "trl"}, ctx, name),
     ]
     inputs = {"model_dir": REAL_MODEL["model_dir"], "prompts": REAL_MODEL["prompts"]}
@@ -573,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=2, help="prompts per step (--model)")
     p.add_argument("--generations", type=int, default=8, help="completions per prompt (--model)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="most new tokens per completion (--model)")
+    p.add_argument(
+        "--engine-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="fastrl's hf engine weights (--model): auto = the model's; another dtype = a weight copy",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.warmup = 1 if args.warmup is None else args.warmup
     args.repeats = 3 if args.repeats is None else args.repeats
@@ -597,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=real_model_dir(args.model, args.gguf_file),
             prompts=chat_prompts(64, seed=args.seed),
             sizes={**s, "max_prompt_len": 256},
+            engine_dtype=args.engine_dtype,
         )
     payload = runner.run(ctx, ["grpo_step"], progress=not args.no_progress)
     results = module.RESULTS

@@ -204,7 +204,11 @@ class EngineConfig:
         default=None, metadata={"help": "Longest prompt + completion vLLM serves; None: the model's own."}
     )
     dtype: str = field(
-        default="auto", metadata={"help": f"vLLM's weight dtype, one of {MODEL_DTYPES}; auto: the model's."}
+        default="auto",
+        metadata={
+            "help": f"Generation weight dtype, one of {MODEL_DTYPES}; auto: the model's. vllm: vLLM's dtype; "
+            "hf: another dtype generates from a copy of the weights in it (refreshed after each sync)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "vLLM's seed (sampling is also seeded per request)."})
     block_size: int | None = field(
