@@ -203,9 +203,8 @@ class GRPOEvaluator(_Evaluator):
 
     def evaluate(self) -> dict:
         from fastrl.distributed.fsdp import gathered
-        from fastrl.engine import SamplingParams
         from fastrl.rewards import combine_rewards, compute_rewards, reward_name
-        from fastrl.trainers.rollout import cut_at_eos
+        from fastrl.trainers.rollout import cut_at_eos, sampling_params
 
         st, g = self.step, self.cfg.grpo
         tok, G, rank = st.tokenizer, g.num_generations, dist_info().rank
@@ -218,13 +217,8 @@ class GRPOEvaluator(_Evaluator):
             for b, (idx, w) in enumerate(shard_batches(len(self.rows), self.batch_size)):
                 rows = [self.rows[i] for i in idx]
                 prompt_ids = [r["prompt_ids"] for r in rows for _ in range(G)]
-                params = SamplingParams(
-                    max_new_tokens=g.max_completion_length,
-                    temperature=g.temperature,
-                    top_p=g.top_p,
-                    top_k=g.top_k,
-                    seed=self.cfg.train.seed * 1_000_003 + 104_729 * (b + 1) + 7919 * rank,
-                )
+                seed = self.cfg.train.seed * 1_000_003 + 104_729 * (b + 1) + 7919 * rank
+                params = sampling_params(g, seed=seed)
                 out = st.policy.run(lambda _, p=prompt_ids, s=params: st.engine.generate(p, s))
                 completions = [cut_at_eos(c, tok.eos_token_id) for c in out.completion_ids]
                 columns = {k: [r["columns"][k] for r in rows for _ in range(G)] for k in rows[0]["columns"]}

@@ -57,6 +57,19 @@ def completion_logps(
     return (logp, scatter(ent_k)) if entropy else logp
 
 
+def sampling_params(g, *, seed: int):
+    """The engine's ``SamplingParams`` for ``grpo`` config ``g`` (training rounds and evaluation alike)."""
+    from fastrl.engine import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=g.max_completion_length,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        seed=seed,
+    )
+
+
 def _all_gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenation over ranks (rank order) of a CPU tensor of the same shape on every rank."""
     import torch.distributed as dist
@@ -83,7 +96,6 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
     ``truncated_frac`` average to the global ones)."""
     from fastrl.distributed.env import all_reduce_mean, dist_info, is_distributed
     from fastrl.distributed.fsdp import gathered
-    from fastrl.engine import SamplingParams
     from fastrl.models.modes import eval_mode
 
     info = dist_info()
@@ -91,13 +103,7 @@ def make_rollout(trainer, rows: list[dict], generation: int) -> tuple[list[dict]
     cfg, g = trainer.cfg, trainer.cfg.grpo
     tok, G = trainer.tokenizer, g.num_generations
     prompt_ids = [r["prompt_ids"] for r in rows for _ in range(G)]
-    params = SamplingParams(
-        max_new_tokens=g.max_completion_length,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        seed=cfg.train.seed * 1_000_003 + generation + 7919 * info.rank,
-    )
+    params = sampling_params(g, seed=cfg.train.seed * 1_000_003 + generation + 7919 * info.rank)
     # Generation runs inside the policy's forward (FSDP's root gathers the embeddings and lm_head), with
     # every layer kept gathered for the round: one all-gather per layer, however many decode steps each
     # rank takes, so ranks that stop early cannot desynchronise the collectives.

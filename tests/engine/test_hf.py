@@ -12,23 +12,9 @@ from fastrl.engine import EngineConfig, SamplingParams, build_engine
 from fastrl.engine.hf import HFEngine
 from fastrl.engine.sampling import filter_logits
 from fastrl.models.lora import adapter_disabled
-from fastrl.models.tiny import build_char_tokenizer, build_tiny_model
+from fastrl.models.tiny import build_tiny_model
+from tests.engine.conftest import prompts_of
 from tests.helpers import assert_close_to_truth
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
-
-
-@pytest.fixture
-def model(tokenizer, seed):
-    return build_tiny_model(tokenizer, seed=seed, init_std=0.1)
-
-
-def _prompts(tokenizer, lengths):
-    # Characters only (ids >= 5): no special token inside a prompt.
-    return [torch.randint(5, len(tokenizer), (n,)).tolist() for n in lengths]
 
 
 def _hf_greedy(model, tokenizer, prompts, max_new_tokens):
@@ -74,7 +60,7 @@ def _eos_when_greedy_says(model, tokenizer, completions, start):
 
 
 def test_greedy_equals_hf_generate(model, tokenizer):
-    prompts = _prompts(tokenizer, [5, 1, 12, 7])
+    prompts = prompts_of(tokenizer, [5, 1, 12, 7])
     engine = build_engine(EngineConfig(), model, tokenizer)
     params = SamplingParams(max_new_tokens=12, temperature=0)
     first = engine.generate(prompts, params)
@@ -100,7 +86,7 @@ def test_greedy_equals_hf_generate(model, tokenizer):
     [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 0.9), (0.7, 7, 1.0), (1.0, 0, 0.8)],
 )
 def test_logprobs_equal_teacher_forcing(model, tokenizer, seed, temperature, top_k, top_p):
-    prompts = _prompts(tokenizer, [3, 9, 6])
+    prompts = prompts_of(tokenizer, [3, 9, 6])
     engine = build_engine(EngineConfig(max_batch_size=2), model, tokenizer)
     params = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     out = engine.generate(prompts, params)
@@ -111,7 +97,7 @@ def test_logprobs_equal_teacher_forcing(model, tokenizer, seed, temperature, top
 
 
 def test_top_k_one_is_greedy(model, tokenizer, seed):
-    prompts = _prompts(tokenizer, [4, 8])
+    prompts = prompts_of(tokenizer, [4, 8])
     engine = HFEngine(model, tokenizer)
     greedy = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
     top1 = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.7, top_k=1, seed=seed))
@@ -121,7 +107,7 @@ def test_top_k_one_is_greedy(model, tokenizer, seed):
 
 
 def test_seeded_sampling_reproduces(model, tokenizer, seed):
-    prompts = _prompts(tokenizer, [4, 8, 2])
+    prompts = prompts_of(tokenizer, [4, 8, 2])
     engine = HFEngine(model, tokenizer)
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed)
     a, b = engine.generate(prompts, params), engine.generate(prompts, params)
@@ -137,7 +123,7 @@ def test_seeded_sampling_reproduces(model, tokenizer, seed):
 
 
 def test_stop_token_ids(model, tokenizer):
-    prompts = _prompts(tokenizer, [6, 3])
+    prompts = prompts_of(tokenizer, [6, 3])
     with torch.no_grad():  # EOS logit 0, below the largest of ~100 others: greedy never ends by itself
         model.lm_head.weight[tokenizer.eos_token_id] = 0
     engine = HFEngine(model, tokenizer)
@@ -158,7 +144,7 @@ def test_stop_token_ids(model, tokenizer):
 def test_left_padding_equals_one_by_one(tokenizer, seed, max_batch_size):
     # float64: the token comparison must not hinge on fp32 rounding of near-ties.
     model = build_tiny_model(tokenizer, seed=seed, init_std=0.1).double()
-    prompts = _prompts(tokenizer, [7, 1, 13, 4, 9])
+    prompts = prompts_of(tokenizer, [7, 1, 13, 4, 9])
     engine = HFEngine(model, tokenizer, EngineConfig(max_batch_size=max_batch_size))
     params = SamplingParams(max_new_tokens=9, temperature=0)
     _eos_when_greedy_says(model, tokenizer, engine.generate(prompts, params).completion_ids, 3)
@@ -182,8 +168,8 @@ def test_static_cache_equals_dynamic(tokenizer, seed):
         EngineConfig(use_static_cache=True, cache_length_multiple=16, compact_finished=False),
     )
     for prompts, params in (
-        (_prompts(tokenizer, [5, 11, 2]), SamplingParams(max_new_tokens=10, temperature=0)),
-        (_prompts(tokenizer, [5, 11, 2]), SamplingParams(max_new_tokens=7, temperature=1.0, seed=seed)),
+        (prompts_of(tokenizer, [5, 11, 2]), SamplingParams(max_new_tokens=10, temperature=0)),
+        (prompts_of(tokenizer, [5, 11, 2]), SamplingParams(max_new_tokens=7, temperature=1.0, seed=seed)),
     ):
         a, b = dynamic.generate(prompts, params), static.generate(prompts, params)
         assert a.completion_ids == b.completion_ids and a.truncated == b.truncated
@@ -193,7 +179,7 @@ def test_static_cache_equals_dynamic(tokenizer, seed):
 
 
 def test_weights_are_shared(model, tokenizer):
-    prompts = _prompts(tokenizer, [4, 6])
+    prompts = prompts_of(tokenizer, [4, 6])
     engine = HFEngine(model, tokenizer)
     params = SamplingParams(max_new_tokens=6, temperature=0)
     before = engine.generate(prompts, params)
@@ -214,22 +200,22 @@ def test_eval_mode_no_grad_and_restore(model, tokenizer):
     )
     engine = HFEngine(model, tokenizer)
     model.train()
-    engine.generate(_prompts(tokenizer, [3]), SamplingParams(max_new_tokens=3))
+    engine.generate(prompts_of(tokenizer, [3]), SamplingParams(max_new_tokens=3))
     assert seen and all(s == (False, False) for s in seen)
     assert model.training
     model.eval()
-    engine.generate(_prompts(tokenizer, [3]), SamplingParams(max_new_tokens=3))
+    engine.generate(prompts_of(tokenizer, [3]), SamplingParams(max_new_tokens=3))
     assert not model.training
     # Mixed modes come back module by module (review fix: model.train(True) used to flip this one back).
     model.train()
     model.model.layers[0].eval()
-    engine.generate(_prompts(tokenizer, [3]), SamplingParams(max_new_tokens=3))
+    engine.generate(prompts_of(tokenizer, [3]), SamplingParams(max_new_tokens=3))
     assert model.training and model.model.layers[1].training
     assert not model.model.layers[0].training and not model.model.layers[0].self_attn.training
 
 
 def test_lora_model(model, tokenizer, seed):
-    prompts = _prompts(tokenizer, [4, 7])
+    prompts = prompts_of(tokenizer, [4, 7])
     params = SamplingParams(max_new_tokens=8, temperature=0)
     base_out = HFEngine(model, tokenizer).generate(prompts, params)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
@@ -328,7 +314,7 @@ def test_compiled_static_decode_on_gpu(tokenizer, seed, dtype):
     model = (
         build_tiny_model(tokenizer, seed=seed, init_std=0.1, hidden_size=128, num_heads=2).cuda().to(dtype)
     )
-    prompts = _prompts(tokenizer, [5, 17, 9])
+    prompts = prompts_of(tokenizer, [5, 17, 9])
     params = SamplingParams(max_new_tokens=24, temperature=0)
     dynamic = HFEngine(model, tokenizer)
     compiled = HFEngine(model, tokenizer, EngineConfig(use_static_cache=True, compile=True))

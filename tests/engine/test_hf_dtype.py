@@ -11,24 +11,11 @@ import torch
 from fastrl.engine import EngineConfig, SamplingParams
 from fastrl.engine.hf import HFEngine
 from fastrl.engine.sampling import sampled_logprobs
-from fastrl.models.tiny import build_char_tokenizer, build_tiny_model
+from tests.engine.conftest import prompts_of
 from tests.helpers import assert_close_to_truth
 
 BF16 = EngineConfig(dtype="bfloat16")
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
-
-
-@pytest.fixture
-def model(tokenizer, seed):
-    return build_tiny_model(tokenizer, seed=seed, init_std=0.1)
-
-
-def _prompts(tokenizer, lengths):
-    return [torch.randint(5, len(tokenizer), (n,)).tolist() for n in lengths]
 
 
 def _params_cast(model, dtype):
@@ -50,7 +37,7 @@ def _hf_greedy(model, tokenizer, prompts, n):
 
 
 def test_bf16_copy_greedy_equals_generate_in_bf16(model, tokenizer):
-    prompts = _prompts(tokenizer, [5, 9, 9, 9, 3])
+    prompts = prompts_of(tokenizer, [5, 9, 9, 9, 3])
     params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[])
     engine = HFEngine(model, tokenizer, BF16)
     out = engine.generate(prompts, params)
@@ -68,7 +55,7 @@ def test_bf16_copy_greedy_equals_generate_in_bf16(model, tokenizer):
 def test_bf16_logprob_contract(model, tokenizer, seed, temperature, top_k, top_p):
     """logprobs[t] = log q(token) under the bf16 engine's own logits: checked against a teacher-forced
     recomputation with the bf16 reference model, within bf16's own error against fp64 truth."""
-    prompts = _prompts(tokenizer, [6, 6, 6, 4])
+    prompts = prompts_of(tokenizer, [6, 6, 6, 4])
     params = SamplingParams(max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     out = HFEngine(model, tokenizer, BF16).generate(prompts, params)
     ref = _params_cast(model, torch.bfloat16)
@@ -93,7 +80,7 @@ def test_bf16_logprob_contract(model, tokenizer, seed, temperature, top_k, top_p
 
 
 def test_copy_follows_sync_weights_with_lora(model, tokenizer, seed):
-    prompts = _prompts(tokenizer, [4, 7])
+    prompts = prompts_of(tokenizer, [4, 7])
     params = SamplingParams(max_new_tokens=8, temperature=0)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
     engine = HFEngine(lora, tokenizer, BF16)
@@ -115,7 +102,7 @@ def test_copy_follows_sync_weights_with_lora(model, tokenizer, seed):
 
 
 def test_sleep_drops_the_copy(model, tokenizer):
-    prompts = _prompts(tokenizer, [5])
+    prompts = prompts_of(tokenizer, [5])
     params = SamplingParams(max_new_tokens=6, temperature=0)
     engine = HFEngine(model, tokenizer, BF16)
     first = engine.generate(prompts, params)
