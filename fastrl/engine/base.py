@@ -192,6 +192,13 @@ class EngineConfig:
     compact_finished: bool = field(
         default=True, metadata={"help": "At each check, finished rows leave the decode batch (hf)."}
     )
+    lean_decode: bool = field(
+        default=True,
+        metadata={
+            "help": "Eager decode steps of Llama/Qwen2/Qwen3/Mistral models through fastrl's lean step and KV "
+            "cache instead of the model's forward (hf; fastrl/engine/_lean.py)."
+        },
+    )
     compile_backend: str = field(
         default="inductor", metadata={"help": "torch.compile backend of the decode step (hf, with compile)."}
     )
@@ -267,7 +274,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not _is_int(self.check_every) or self.check_every <= 0:
             raise ValueError(f"check_every must be a positive int, got {self.check_every!r}")
-        for name in ("share_prompt_prefill", "compact_finished"):
+        for name in ("share_prompt_prefill", "compact_finished", "lean_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.compile_backend, str) or not self.compile_backend:

@@ -19,14 +19,19 @@ most ``max_batch_size`` rows. Per micro-batch:
    dynamic cache keeps only the live rows, the static cache moves them into a cache of the next smaller
    power-of-two batch (so the compiled decode sees at most log2(max_batch_size) + 1 batch shapes).
 
-The eager path (``use_static_cache=False``) keeps its KV cache in buffers preallocated for prompt + new
-tokens, written in place (``fastrl.engine._kv.growing_cache``; transformers' ``DynamicCache`` copies the
-whole cache every step). When prompts are shared (and the model is a plain full-attention decoder on
-``sdpa``/``eager`` attention), the decode steps use ``fastrl.engine._kv.SharedPrefixCache`` and its
-attention: the prompt's keys/values are stored once per prompt and read once per step for all the
-group's rows (batched matrix products over ``[prompt, rows of the group]`` slots), each row's own
-generated positions apart; the two score blocks share one softmax, so the result is exact attention.
-It is a decode-time implementation switch only (``config._attn_implementation`` for the forward).
+The eager path (``use_static_cache=False``) decodes Llama, Qwen2, Qwen3 and Mistral models (full
+attention) through ``fastrl.engine._lean.LeanDecoder`` (``lean_decode``, default on): the layers'
+arithmetic written out over the same submodules, with its own preallocated per-row KV cache; on
+SmolLM2-135M in bf16 it takes a 2 x 8-row ``generate`` from 3.3-3.7 s to 2.8 s (2 threads), the products
+then being ~65% of it. Other models, and ``lean_decode=False``, run the model's own forward with a KV cache
+in buffers preallocated for prompt + new tokens, written in place (``fastrl.engine._kv.growing_cache``;
+transformers' ``DynamicCache`` copies the whole cache every step). There, when prompts are shared (and
+the model is a plain full-attention decoder on ``sdpa``/``eager`` attention), the decode steps use
+``fastrl.engine._kv.SharedPrefixCache`` and its attention: the prompt's keys/values are stored once per
+prompt and read once per step for all the group's rows (batched matrix products over ``[prompt, rows of
+the group]`` slots), each row's own generated positions apart; the two score blocks share one softmax,
+so the result is exact attention. It is a decode-time implementation switch only
+(``config._attn_implementation`` for the forward).
 
 ``use_static_cache`` preallocates ``transformers.StaticCache``s of a fixed shape (batch rounded up to a
 power of two, length rounded up to ``cache_length_multiple``) with a fixed-size attention mask, so every
@@ -70,6 +75,7 @@ from fastrl.engine._kv import (
     growing_cache,
     register_shared_prefix_attention,
 )
+from fastrl.engine._lean import LeanDecoder, lean_decode_ok, lean_over_shared
 from fastrl.engine._shadow import WeightCopy
 from fastrl.engine.base import Engine, EngineConfig, GenerationOutput, SamplingParams, register_engine
 from fastrl.engine.sampling import sample_next
@@ -322,7 +328,10 @@ class HFEngine(Engine):
         position_ids = (mask_U[:, :P].cumsum(-1) - 1).clamp(min=0)
         # Eager decoding grows a preallocated cache (no per-step copy of it, see fastrl.engine._kv); the
         # static path copies the prefill out of a plain one.
-        prefill_cache = None if static else growing_cache(lm.config, P + steps)
+        lean = not static and cfg.lean_decode and lean_decode_ok(lm) and not _is_fsdp(self.model)
+        if lean and n > U and self._shared_attention_ok(lm):  # long shared prompts: read them once instead
+            lean = lean_over_shared(lm, n, U, P)
+        prefill_cache = None if static else growing_cache(lm.config, P if lean else P + steps)
         logits_U, cache = self._forward(
             lm, prefill_cache, input_ids=input_ids, attention_mask=mask_U[:, :P], position_ids=position_ids
         )
@@ -339,6 +348,10 @@ class HFEngine(Engine):
             layers_kv = [(layer.keys, layer.values) for layer in cache.layers]
             cache = self._fill_static(lm, B, L, layers_kv, src_B, P)
             del layers_kv
+        elif lean:
+            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+            cache = LeanDecoder(lm, prefix_kv, mask_U[:, :P], src, steps)
+            del prefix_kv
         elif n > U and self._shared_attention_ok(lm):
             prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
             cache = SharedPrefixCache(prefix_kv, mask_U[:, :P], src.tolist(), capacity=steps)
@@ -381,12 +394,16 @@ class HFEngine(Engine):
                         layers_kv = [(layer.keys, layer.values) for layer in cache.layers]
                         cache = self._fill_static(lm, new_B, L, layers_kv, keep, cur)
                         del layers_kv
+                    elif lean:
+                        cache.select(keep)
                     else:
                         cache.batch_select_indices(keep)
             if static:
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 logits = decode(lm, cache, tok[:, None], mask, next_pos)
+            elif lean:
+                logits = cache.step(tok, next_pos[:, 0])
             elif shared:
                 logits = self._shared_decode(lm, cache, tok[:, None], next_pos)
             else:

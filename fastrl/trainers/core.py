@@ -89,6 +89,14 @@ class OptimConfig:
         default=0.0, metadata={"help": "Floor of the cosine / linear decay as a fraction of lr."}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global grad norm (0: no clip)."})
+    fused: bool | None = field(
+        default=None,
+        metadata={
+            "help": "AdamW's fused kernel (one pass over each parameter; transformers' default "
+            "adamw_torch_fused). None: fused where torch has it for the parameters (CPU, CUDA), else the "
+            "for-loop; True: fused or an error; False: the for-loop."
+        },
+    )
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -97,6 +105,8 @@ class OptimConfig:
             raise ValueError("optim.lr, optim.warmup_steps and optim.max_grad_norm must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.fused not in (None, True, False):
+            raise ValueError(f"optim.fused must be true, false or null (auto), got {self.fused!r}")
 
 
 @dataclass(kw_only=True)
@@ -300,6 +310,21 @@ def setup_distributed(train_cfg: TrainConfig) -> tuple[torch.device, bool]:
     return device, True
 
 
+def adamw_fused(params: list[torch.Tensor], want: bool | None) -> bool | None:
+    """``optim.fused`` resolved for ``params``: torch's fused AdamW kernel runs floating parameters that all
+    live on one CPU or CUDA device type (DTensor shards included). ``None`` (auto) picks it there; ``True``
+    where it cannot run is a ``ValueError``. Returns the ``fused`` argument of ``torch.optim.AdamW``."""
+    if want is False:
+        return None
+    kinds = {p.device.type for p in params}
+    ok = len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    if want and not ok:
+        raise ValueError(
+            f"optim.fused=True needs floating parameters on one CPU or CUDA device type, got devices {sorted(kinds)}"
+        )
+    return True if ok else None
+
+
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Multiplier of ``optim.lr`` at optimizer step ``step`` (0-based), see the module docstring."""
     if step < optim.warmup_steps:
@@ -399,12 +424,14 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    fused = adamw_fused(params, optim_cfg.fused)
     optimizer = torch.optim.AdamW(
         params,
         lr=optim_cfg.lr,
         betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
         eps=optim_cfg.adam_eps,
         weight_decay=optim_cfg.weight_decay,
+        fused=fused,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, optim_cfg, train_cfg.max_steps)
@@ -421,6 +448,8 @@ def train(
         saved = read_state(ckpt)
         check_resume(saved.get("run"), run, ckpt, step=int(saved["step"]), max_steps=train_cfg.max_steps)
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        for group in optimizer.param_groups:  # a loaded state brings its run's kernel choice: keep this one's
+            group["fused"], group["foreach"] = fused, None
         start = int(state["step"])
         step.load_state_dict(state["trainer"])
         if is_main:

@@ -37,6 +37,7 @@ MAY_CHANGE = (
     "data.eval_dataset",  # what is evaluated, not what is trained (data.eval_fraction is: it must match)
     "data.eval_split",
     "engine.*",
+    "optim.fused",  # the same AdamW, another kernel
 )
 _RUN_FILES = ("metrics.jsonl",)
 

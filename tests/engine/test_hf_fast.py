@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from fastrl.engine import EngineConfig, SamplingParams
+from fastrl.engine._lean import LeanDecoder
 from fastrl.engine.hf import HFEngine, prompt_groups
 from fastrl.engine.sampling import filter_logits
 from fastrl.models.tiny import build_char_tokenizer, build_tiny_model
@@ -60,6 +61,8 @@ def test_shared_prefill_equals_one_prefill_per_completion(tokenizer, seed, stati
     shared = HFEngine(model, tokenizer, EngineConfig(**base))
     single = HFEngine(model, tokenizer, EngineConfig(**base, share_prompt_prefill=False))
     calls = []
+    # (This hook on the model body also turns the lean decode step off: it bypasses the body's forward.
+    # The lean step's own prefill sharing is tested in test_hf_lean.py.)
     model.model.register_forward_pre_hook(
         lambda m, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
     )
@@ -83,9 +86,11 @@ def test_shared_prefill_equals_one_prefill_per_completion(tokenizer, seed, stati
         assert len({tuple(c) for c in a.completion_ids[:4]}) > 1
 
 
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("path", ["lean", "eager", "static"])
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 10, 0.9)])
-def test_compaction_changes_no_completion(tokenizer, seed, monkeypatch, static, temperature, top_k, top_p):
+def test_compaction_changes_no_completion(tokenizer, seed, monkeypatch, path, temperature, top_k, top_p):
+    """Each decode path: the lean step (default), the model's forward (``lean_decode=False``), static."""
+    static = path == "static"
     model = _model(tokenizer, seed)
     # 17 rows: a 32-row cache, and one row finishing early is enough to move to the 16-row bucket (with 18
     # rows two had to, which some seeds' greedy runs did not give: seed 1581025012)
@@ -93,7 +98,7 @@ def test_compaction_changes_no_completion(tokenizer, seed, monkeypatch, static, 
     params = SamplingParams(
         max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=STOPS
     )
-    base = dict(use_static_cache=static, cache_length_multiple=16, check_every=2)
+    base = dict(use_static_cache=static, cache_length_multiple=16, check_every=2, lean_decode=path == "lean")
     compacting = HFEngine(model, tokenizer, EngineConfig(**base))
     plain = HFEngine(model, tokenizer, EngineConfig(**base, compact_finished=False))
     selected = []
@@ -103,6 +108,8 @@ def test_compaction_changes_no_completion(tokenizer, seed, monkeypatch, static, 
         "batch_select_indices",
         lambda self, idx: (selected.append(len(idx)), original(self, idx)),
     )
+    lean_select = LeanDecoder.select
+    monkeypatch.setattr(LeanDecoder, "select", lambda self, idx: (selected.append(len(idx)), lean_select(self, idx)))
     a = compacting.generate(prompts, params)
     shrinks, buckets = selected[:], sorted({b for b, _ in compacting._static_caches})
     b = plain.generate(prompts, params)
