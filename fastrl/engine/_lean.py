@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
+SDPA_DTYPES = (torch.bfloat16, torch.float16)  # caches in these attend through the fused kernel
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -112,7 +113,7 @@ class LeanDecoder:
         valid[:, :P] = valid_prefix.bool().index_select(0, row_prompt)
         self.valid = valid
         self.length = P  # cache positions filled
-        self._fused = self.keys[0].dtype in (torch.bfloat16, torch.float16)
+        self._fused = self.keys[0].dtype in SDPA_DTYPES
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (or repeat) the decode rows ``rows``; only the filled positions are copied."""

@@ -53,9 +53,13 @@ def _count_steps(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lean_logprobs_equal_the_full_forward_in_float64(arch, tokenizer, seed, monkeypatch):
+def test_lean_logprobs_equal_the_full_forward_in_float64(arch, kernel, tokenizer, seed, monkeypatch):
+    """Both attention kernels in float64 (bf16/fp16 caches use sdpa, where rounding would hide a bug)."""
     model = _model(tokenizer, arch, seed)
+    if kernel == "sdpa":
+        monkeypatch.setattr("fastrl.engine._lean.SDPA_DTYPES", (torch.float64,))
     calls = _count_steps(monkeypatch)
     # Shared runs (3 x 7 and 2 x 4 tokens) and lone prompts of other lengths: left padding in the prefill,
     # rows repeating their prompt's cache. Second call: a third of the vocabulary stops a row, so rows
