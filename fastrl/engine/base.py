@@ -195,8 +195,8 @@ class EngineConfig:
     lean_decode: bool = field(
         default=True,
         metadata={
-            "help": "Eager decode steps of Llama/Qwen2/Qwen3/Mistral models through fastrl's lean step and KV "
-            "cache instead of the model's forward (hf; fastrl/engine/_lean.py)."
+            "help": "Eager decode steps of Llama/Qwen2/Qwen3/Mistral models through fastrl's lean step and "
+            "KV cache instead of the model's forward (hf; fastrl/engine/_lean.py)."
         },
     )
     compile_backend: str = field(

@@ -320,7 +320,8 @@ def adamw_fused(params: list[torch.Tensor], want: bool | None) -> bool | None:
     ok = len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
     if want and not ok:
         raise ValueError(
-            f"optim.fused=True needs floating parameters on one CPU or CUDA device type, got devices {sorted(kinds)}"
+            "optim.fused=True needs floating parameters on one CPU or CUDA device type, "
+            f"got devices {sorted(kinds)}"
         )
     return True if ok else None
 

@@ -109,7 +109,9 @@ def test_compaction_changes_no_completion(tokenizer, seed, monkeypatch, path, te
         lambda self, idx: (selected.append(len(idx)), original(self, idx)),
     )
     lean_select = LeanDecoder.select
-    monkeypatch.setattr(LeanDecoder, "select", lambda self, idx: (selected.append(len(idx)), lean_select(self, idx)))
+    monkeypatch.setattr(
+        LeanDecoder, "select", lambda self, idx: (selected.append(len(idx)), lean_select(self, idx))
+    )
     a = compacting.generate(prompts, params)
     shrinks, buckets = selected[:], sorted({b for b, _ in compacting._static_caches})
     b = plain.generate(prompts, params)

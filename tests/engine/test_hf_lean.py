@@ -26,8 +26,8 @@ def _model(tokenizer, arch: str, seed: int, dtype=torch.float64):
     extra = {"sliding_window": None} if base == "mistral" else {}
     config = CONFIGS[base](
         vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=96, initializer_range=0.1, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **extra,
+        num_key_value_heads=2, intermediate_size=96, initializer_range=0.1,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
     )  # fmt: skip
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -53,14 +53,8 @@ def _count_steps(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_lean_logprobs_equal_the_full_forward_in_float64(arch, kernel, tokenizer, seed, monkeypatch):
-    """Both attention kernels in float64 (bf16/fp16 caches use sdpa, where rounding would hide a bug)."""
-    model = _model(tokenizer, arch, seed)
-    if kernel == "sdpa":
-        monkeypatch.setattr("fastrl.engine._lean.SDPA_DTYPES", (torch.float64,))
-    calls = _count_steps(monkeypatch)
+def _check_float64(model, tokenizer, seed, calls, device="cpu"):
+    """Engine log-probs of lean-decoded completions vs a full unpadded forward, float64."""
     # Shared runs (3 x 7 and 2 x 4 tokens) and lone prompts of other lengths: left padding in the prefill,
     # rows repeating their prompt's cache. Second call: a third of the vocabulary stops a row, so rows
     # leave the batch at the checks.
@@ -74,13 +68,35 @@ def test_lean_logprobs_equal_the_full_forward_in_float64(arch, kernel, tokenizer
         out = engine.generate(prompts, params)
         for p, c, lp in zip(prompts, out.completion_ids, out.logprobs):
             with torch.no_grad():
-                logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) - 1 + len(c)]
+                ids = torch.tensor([p + c], device=device)
+                logits = model(ids).logits[0, len(p) - 1 : len(p) - 1 + len(c)].cpu()
             want = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
             # The engine reports fp32 log-probs: equal up to that one rounding (2^-24 relative).
             got = torch.tensor(lp, dtype=torch.float64)
             torch.testing.assert_close(got, want, rtol=2**-23, atol=1e-12)
         if not stops:  # only EOS ends a row: all 7 ending at their first token is vanishingly rare
             assert calls[0] > 0, "the lean step did not run"
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lean_logprobs_equal_the_full_forward_in_float64(arch, kernel, tokenizer, seed, monkeypatch):
+    """Both attention kernels in float64 (bf16/fp16 caches use sdpa, where rounding would hide a bug)."""
+    model = _model(tokenizer, arch, seed)
+    if kernel == "sdpa":
+        monkeypatch.setattr("fastrl.engine._lean.SDPA_DTYPES", (torch.float64,))
+    _check_float64(model, tokenizer, seed, _count_steps(monkeypatch))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
+def test_lean_on_cuda_in_float64(kernel, tokenizer, seed, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _model(tokenizer, "qwen2+lora", seed).cuda()
+    if kernel == "sdpa":
+        monkeypatch.setattr("fastrl.engine._lean.SDPA_DTYPES", (torch.float64,))
+    _check_float64(model, tokenizer, seed, _count_steps(monkeypatch), device="cuda")
 
 
 def _teacher_forced(lm, prompts, tokens_NT, capacity=None):
@@ -94,7 +110,9 @@ def _teacher_forced(lm, prompts, tokens_NT, capacity=None):
         ids[i, P - len(p) :], mask[i, P - len(p) :] = torch.tensor(p), 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=growing_cache(lm.config, P))
+        out = lm(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=growing_cache(lm.config, P)
+        )
     kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     dec = LeanDecoder(lm, kv, mask, torch.arange(N), capacity or T)
     steps = [dec.step(tokens_NT[:, t], pos[:, -1] + 1 + t) for t in range(T)]
