@@ -44,10 +44,12 @@ def _teacher_forced_logp(model, prompts, completions, temperature, top_k=0, top_
 
 
 def _eos_when_greedy_says(model, tokenizer, completions, start):
-    """Copy the lm_head row of a token greedy produced onto EOS: wherever greedy picked that token, the
-    tie now goes to EOS (argmax returns the lowest id), so greedy stops there. The token: in the longest
-    completion that has one, the first at ``start`` or later with an id above EOS's. Returns (row,
-    position) of the first place greedy now stops in that row."""
+    """Swap the lm_head rows of EOS and a token greedy produced: wherever greedy picked that token, EOS now
+    has its logit (strictly the largest) and greedy stops there. A swap, not a copy: a copied row made an
+    exact tie whose winner hung on the matrix product rounding the two columns alike, which it does not
+    at every batch size (seed 2105844587 took the token in a batch of 2, EOS alone). The token: in the
+    longest completion that has one, the first at ``start`` or later with an id above EOS's. Returns
+    (row, position) of the first place greedy now stops in that row."""
     eos = tokenizer.eos_token_id
     rows = sorted(range(len(completions)), key=lambda i: -len(completions[i]))
     row, pos = next(
@@ -55,7 +57,8 @@ def _eos_when_greedy_says(model, tokenizer, completions, start):
     )
     ids = completions[row]
     with torch.no_grad():
-        model.lm_head.weight[eos] = model.lm_head.weight[ids[pos]]
+        w = model.lm_head.weight
+        w[[eos, ids[pos]]] = w[[ids[pos], eos]].clone()
     return row, ids.index(ids[pos])
 
 
