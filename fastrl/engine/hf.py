@@ -329,7 +329,8 @@ class HFEngine(Engine):
         # Eager decoding grows a preallocated cache (no per-step copy of it, see fastrl.engine._kv); the
         # static path copies the prefill out of a plain one.
         lean = not static and cfg.lean_decode and lean_decode_ok(lm) and not _is_fsdp(self.model)
-        if lean and n > U and self._shared_attention_ok(lm):  # long shared prompts: read them once instead
+        shared_ok = n > U and self._shared_attention_ok(lm)
+        if lean and shared_ok:  # long shared prompts: the shared-prefix layout reads them once instead
             lean = lean_over_shared(lm, n, U, P)
         prefill_cache = None if static else growing_cache(lm.config, P if lean else P + steps)
         logits_U, cache = self._forward(
@@ -344,19 +345,17 @@ class HFEngine(Engine):
         logits = logits_U.index_select(0, src_B)
         mask = mask_U.index_select(0, src_B)
         next_pos = position_ids[:, -1:].index_select(0, src_B) + 1
+        # Per layer [U, heads, P, d], for the caches built from the prefill's (the plain eager one is reused).
+        prefill_kv = [(ly.keys, ly.values) for ly in cache.layers] if static or lean or shared_ok else None
         if static:
-            layers_kv = [(layer.keys, layer.values) for layer in cache.layers]
-            cache = self._fill_static(lm, B, L, layers_kv, src_B, P)
-            del layers_kv
+            cache = self._fill_static(lm, B, L, prefill_kv, src_B, P)
         elif lean:
-            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
-            cache = LeanDecoder(lm, prefix_kv, mask_U[:, :P], src, steps)
-            del prefix_kv
-        elif n > U and self._shared_attention_ok(lm):
-            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
-            cache = SharedPrefixCache(prefix_kv, mask_U[:, :P], src.tolist(), capacity=steps)
+            cache = LeanDecoder(lm, prefill_kv, mask_U[:, :P], src, steps)
+        elif shared_ok:
+            cache = SharedPrefixCache(prefill_kv, mask_U[:, :P], src.tolist(), capacity=steps)
         elif n > U:
             cache.batch_select_indices(src_B)
+        del prefill_kv  # the decode cache holds what it needs (the shared-prefix one: these tensors)
         shared = isinstance(cache, SharedPrefixCache)
         decode = self._decode_fn() if static else None
         cuda_graphs = static and cfg.compile and device.type == "cuda"
